@@ -1,0 +1,121 @@
+"""Typed settings, built once from environment variables (and CLI flags) and passed explicitly.
+
+Every knob has a `TIDEGATE_*` variable named after its field (`projector_max_batch` →
+`TIDEGATE_PROJECTOR_MAX_BATCH`); CLI flags override the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_type_hints
+
+from mesh.errors import ConfigError
+
+PersistMode = Literal["batch", "per-event"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Connection:
+    """Where the servers are. Empty URLs mean "use the embedded servers" (only `tidegate up`)."""
+
+    nats_url: str = ""
+    database_url: str = ""
+    data_dir: Path = Path("tidegate-data")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Buffer sizes and timings shared by every component that creates the JetStream topology."""
+
+    tasks_max_bytes: int = 4 * 1024**3  # the submission buffer; full → publishers get an error
+    work_max_bytes: int = 4 * 1024**3
+    events_max_bytes: int = 4 * 1024**3
+    duplicate_window_s: float = 3600.0  # a key resubmitted within this window runs once
+    max_task_bytes: int = 64 * 1024  # larger task bodies are rejected with a reason
+    work_ack_wait_s: float = 30.0  # an executor silent this long loses its task to another
+    heartbeat_interval_s: float = 2.0
+    heartbeat_ttl_s: float = 6.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriverSettings:
+    route_batch: int = 500
+    short_max_timeout_s: float = 300.0  # tasks with a longer timeout go to the `long` class
+    default_pool: str = "default"
+    projector_max_batch: int = 5000
+    projector_max_linger_s: float = 0.2
+    projector_max_commits_per_s: float = 20.0
+    persist: PersistMode = "batch"
+    per_event_connections: int = 8  # baseline mode: concurrent one-row transactions
+    metrics_port: int | None = None  # None: no /metrics server; 0: any free port
+    retention_days: int = 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutorSettings:
+    pool: str = "default"
+    slots: int = 4
+    executor_id: str = ""  # empty: host-pid
+    kill_grace_s: float = 5.0  # SIGTERM, then SIGKILL after this
+    log_tail_bytes: int = 4096
+    log_max_bytes: int = 1024 * 1024
+    drain_timeout_s: float = 30.0
+    metrics_port: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    connection: Connection = field(default_factory=Connection)
+    limits: Limits = field(default_factory=Limits)
+    driver: DriverSettings = field(default_factory=DriverSettings)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `TIDEGATE_*` variables; `overrides` are `section={field: value}`."""
+        env = os.environ if env is None else env
+        sections = {}
+        for f in dataclasses.fields(cls):
+            section_type = f.type if isinstance(f.type, type) else get_type_hints(cls)[f.name]
+            values = _from_env(section_type, env)
+            values.update({k: v for k, v in overrides.get(f.name, {}).items() if v is not None})
+            sections[f.name] = section_type(**values)
+        return cls(**sections)
+
+
+def _from_env(section: type[T], env: Mapping[str, str]) -> dict[str, Any]:
+    hints = get_type_hints(section)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        var = f"TIDEGATE_{f.name.upper()}"
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        values[f.name] = _parse(var, raw, hints[f.name])
+    return values
+
+
+def _parse(var: str, raw: str, hint: Any) -> Any:
+    text = str(hint)
+    try:
+        if hint is int or text == "int | None":
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if hint is bool:
+            return raw.lower() in {"1", "true", "yes", "on"}
+        if hint is Path:
+            return Path(raw)
+        if hint is PersistMode:
+            if raw not in ("batch", "per-event"):
+                raise ValueError("expected `batch` or `per-event`")
+            return raw
+    except ValueError as exc:
+        raise ConfigError(f"{var}={raw!r} is not valid: {exc}") from None
+    return raw

@@ -1,0 +1,65 @@
+"""The one place that spells NATS subjects, streams, consumers and KV buckets.
+
+Nobody else builds a subject string by hand: import the function or constant from here.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Final
+
+from mesh.wire import TaskClass
+
+# Streams ------------------------------------------------------------------------------------
+TASKS_STREAM: Final = "TG_TASKS"  # submissions, a work queue drained by the drivers' route step
+WORK_STREAM: Final = "TG_WORK"  # routed tasks, a work queue per pool and class
+EVENTS_STREAM: Final = "TG_EVENTS"  # state events, kept until projector and notifier acked them
+
+SUBMIT_ALL: Final = "tg.submit.>"
+WORK_ALL: Final = "tg.work.>"
+EVENT_ALL: Final = "tg.event.>"
+
+# Durable consumers --------------------------------------------------------------------------
+ROUTE_CONSUMER: Final = "route"
+PROJECTOR_CONSUMER: Final = "projector"
+
+# KV buckets ---------------------------------------------------------------------------------
+EXECUTORS_BUCKET: Final = "tg_executors"  # heartbeats; a key that ages out is a dead executor
+CLIENTS_BUCKET: Final = "tg_clients"  # mirror of the clients table
+CANCEL_BUCKET: Final = "tg_cancel"  # cancel requests, keyed by encoded task id
+
+TASK_CLASSES: Final[tuple[TaskClass, ...]] = ("short", "long")
+
+
+def submit_subject(client: str) -> str:
+    return f"tg.submit.{client}"
+
+
+def client_of_submit_subject(subject: str) -> str:
+    return subject.removeprefix("tg.submit.")
+
+
+def work_subject(pool: str, task_class: TaskClass) -> str:
+    return f"tg.work.{pool}.{task_class}"
+
+
+def work_consumer(pool: str, task_class: TaskClass) -> str:
+    return f"work_{pool}_{task_class}"
+
+
+def event_subject(client: str) -> str:
+    return f"tg.event.{client}"
+
+
+def callback_subject(client: str) -> str:
+    return f"tg.callback.{client}"
+
+
+def msg_id(client: str, key: str) -> str:
+    """The `Nats-Msg-Id` of a submission: JetStream drops a second publish with the same id."""
+    return f"{client}:{key}"
+
+
+def kv_key(task_id: str) -> str:
+    """Task ids hold characters KV keys forbid (`:` and more); base64url keeps them unique."""
+    return base64.urlsafe_b64encode(task_id.encode()).decode().rstrip("=")

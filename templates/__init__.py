@@ -1,0 +1,1 @@
+"""Jinja2 templates of the console, shipped as package data."""
