@@ -1,0 +1,62 @@
+"""Real servers for the suite: a nats-server per test, one PostgreSQL per session.
+
+PostgreSQL comes from the `pgserver` wheel unless TIDEGATE_TEST_DATABASE_URL names a server
+(any database on it; the suite creates and drops its own databases there).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from mesh.embedded import EmbeddedNats, EmbeddedPostgres
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("TIDEGATE_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    # Durability settings off: the suite tests logic, not the disk; the fault tests stop the
+    # server with `pg_ctl -m immediate`-like kills through their own fixture.
+    server = EmbeddedPostgres(
+        tmp_path_factory.mktemp("pg"),
+        options=("-c fsync=off", "-c synchronous_commit=off", "-c max_connections=300"),
+    )
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh, empty database for one test (migrations not applied)."""
+    name = f"tg_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    params = conninfo_to_dict(pg_server_url)
+    params["dbname"] = name
+    yield make_conninfo(**params)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A nats-server with JetStream of this test's own (stop/start it to provoke outages)."""
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: EmbeddedNats) -> str:
+    return nats_server.url
