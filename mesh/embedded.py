@@ -71,7 +71,9 @@ def _wait_for(check: Callable[[], bool], timeout: float, what: str, log_path: Pa
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            raise EmbeddedServerError(f"{what} did not become ready in {timeout:.0f}s; see {log_path}")
+            raise EmbeddedServerError(
+                f"{what} did not become ready in {timeout:.0f}s; see {log_path}"
+            )
         time.sleep(0.02)
 
 
@@ -109,7 +111,9 @@ class EmbeddedNats:
             "-P", str(self.pid_file), "-l", str(self.log_path),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent  # noqa: PLW1509
+            argv,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
         ports = self.data_dir / f"nats-server_{self.proc.pid}.ports"
 
@@ -164,9 +168,7 @@ class EmbeddedPostgres:
             )  # fmt: skip
         except subprocess.CalledProcessError as exc:
             detail = exc.stderr.decode(errors="replace").strip()
-            raise EmbeddedServerError(
-                f"{tool} failed ({detail}); see {self.log_path}"
-            ) from None
+            raise EmbeddedServerError(f"{tool} failed ({detail}); see {self.log_path}") from None
 
     def _prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

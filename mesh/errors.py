@@ -16,7 +16,7 @@ class InvalidTask(TidegateError):
 
 
 class UnknownClient(TidegateError):
-    """A task or command names a client that is not registered (`tidegate client add NAME`)."""
+    """A task or command names an unregistered client (register: `tidegate client add NAME`)."""
 
 
 class SubmitError(TidegateError):
@@ -36,4 +36,4 @@ class TaskNotFound(TidegateError):
 
 
 class EmbeddedServerError(TidegateError):
-    """An embedded nats-server or PostgreSQL could not be started; its log path is in the message."""
+    """An embedded nats-server or PostgreSQL did not start; the message names its log file."""

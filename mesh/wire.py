@@ -104,8 +104,15 @@ class WorkItem(Struct, frozen=True, kw_only=True):
 # --- state events ----------------------------------------------------------------------------
 
 State = Literal[
-    "queued", "dispatched", "running",
-    "succeeded", "failed", "timed_out", "cancelled", "lost", "rejected",
+    "queued",
+    "dispatched",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "lost",
+    "rejected",
 ]
 TERMINAL_STATES: Final[frozenset[str]] = frozenset(
     {"succeeded", "failed", "timed_out", "cancelled", "lost", "rejected"}
@@ -113,7 +120,9 @@ TERMINAL_STATES: Final[frozenset[str]] = frozenset(
 # A row only moves forward in (attempt, rank); every terminal state shares the top rank, so
 # whichever terminal state of an attempt is written first stays.
 STATE_RANK: Final[dict[str, int]] = {
-    "queued": 0, "dispatched": 1, "running": 2,
+    "queued": 0,
+    "dispatched": 1,
+    "running": 2,
     **{s: 3 for s in TERMINAL_STATES},
 }
 
@@ -192,10 +201,16 @@ class Rejected(Finished, frozen=True, kw_only=True, tag="rejected"):
     """The driver refused the task; `reason` says why. Carries no spec when it did not parse."""
 
 
-AnyEvent = Queued | Dispatched | Running | Succeeded | Failed | TimedOut | Cancelled | Lost | Rejected
+AnyEvent = (
+    Queued | Dispatched | Running | Succeeded | Failed | TimedOut | Cancelled | Lost | Rejected
+)
 FINISHED_BY_STATE: Final[dict[str, type[Finished]]] = {
-    "succeeded": Succeeded, "failed": Failed, "timed_out": TimedOut,
-    "cancelled": Cancelled, "lost": Lost, "rejected": Rejected,
+    "succeeded": Succeeded,
+    "failed": Failed,
+    "timed_out": TimedOut,
+    "cancelled": Cancelled,
+    "lost": Lost,
+    "rejected": Rejected,
 }
 
 _event_decoder = msgspec.json.Decoder(AnyEvent)

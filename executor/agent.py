@@ -1,0 +1,315 @@
+"""The executor agent: pulls work for its pool, runs each task, reports its terminal state.
+
+Work is fetched only for free slots. While a task runs, its work message is kept alive with
+`in_progress`; the terminal event is published (PubAck received) *before* the work message is
+acked, so a crash between the two re-runs the task rather than losing its result. A killed
+executor stops sending progress and JetStream redelivers its tasks to another executor, as
+the next attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from executor.process import ProcessLimits, run_process
+from mesh import names
+from mesh.config import ExecutorSettings, Limits
+from mesh.metrics import ExecutorMetrics
+from mesh.publish import Outgoing, Publisher
+from mesh.topology import Buckets, ensure_work_consumer
+from mesh.wire import (
+    FINISHED_BY_STATE,
+    AnyEvent,
+    Heartbeat,
+    Lost,
+    Running,
+    RunningTask,
+    TaskClass,
+    WorkItem,
+    encode,
+    now,
+)
+
+log = logging.getLogger(__name__)
+
+_FETCH_MAX = 64
+
+
+@dataclass
+class Slot:
+    """A task running here: what the heartbeat reports and what a cancel request reaches."""
+
+    item: WorkItem
+    attempt: int
+    started_at: datetime = field(default_factory=now)
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_reason: str = "cancelled by request"
+
+
+def default_executor_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}".replace(".", "-")
+
+
+class Executor:
+    def __init__(
+        self, js: JetStreamContext, publisher: Publisher, buckets: Buckets,
+        settings: ExecutorSettings, limits: Limits, metrics: ExecutorMetrics,
+        *, log_dir: Path | None = None,
+    ) -> None:  # fmt: skip
+        self._js = js
+        self._publisher = publisher
+        self._buckets = buckets
+        self._settings = settings
+        self._limits = limits
+        self._metrics = metrics
+        self._log_dir = log_dir
+        self.id = settings.executor_id or default_executor_id()
+        self.running: dict[str, Slot] = {}
+        self._reserved = 0  # slots promised to an in-flight fetch
+        self._slot_freed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self._process_limits = ProcessLimits(
+            kill_grace_s=settings.kill_grace_s, log_max_bytes=settings.log_max_bytes,
+            log_tail_bytes=settings.log_tail_bytes,
+        )  # fmt: skip
+        metrics.slots.set(settings.slots)
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    def _free(self) -> int:
+        return self._settings.slots - len(self.running) - self._reserved
+
+    async def fetch_loop(self, task_class: TaskClass) -> None:
+        durable = await ensure_work_consumer(
+            self._js, self._settings.pool, task_class, self._limits
+        )
+        sub = await self._js.pull_subscribe_bind(durable, stream=names.WORK_STREAM)
+        try:
+            while not self.draining:
+                # Each class may promise at most half the slots to one fetch, so an idle
+                # class never starves the other while its fetch waits for work.
+                want = min(self._free(), _FETCH_MAX, -(-self._settings.slots // 2))
+                if want <= 0:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
+                self._reserved += want
+                try:
+                    msgs = await sub.fetch(want, timeout=1.0)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    msgs = []
+                finally:
+                    self._reserved -= want
+                    self._slot_freed.set()
+                for msg in msgs:
+                    self._metrics.fetched.inc()
+                    self._start(msg)
+        finally:
+            await sub.unsubscribe()
+
+    def _start(self, msg: Msg) -> None:
+        try:
+            item = msgspec.json.decode(msg.data, type=WorkItem)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("undecodable work message on %s: %s", msg.subject, exc)
+            self._metrics.bad_work.inc()
+            term = asyncio.create_task(msg.term())
+            self._tasks.add(term)
+            term.add_done_callback(self._tasks.discard)
+            return
+        slot = Slot(item=item, attempt=msg.metadata.num_delivered)
+        self.running[item.task_id] = slot
+        self._metrics.running.set(len(self.running))
+        task = asyncio.create_task(self._run(msg, slot), name=f"task:{item.task_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- running one task -------------------------------------------------------------------
+
+    async def _run(self, msg: Msg, slot: Slot) -> None:
+        item = slot.item
+        try:
+            event = await self._execute(msg, slot)
+            await self._report(event)
+            await _ack(msg)
+            self._metrics.finished.labels(state=event.state).inc()
+        except asyncio.CancelledError:
+            # Shut down mid-task: the process group is already killed; hand the task back
+            # at once so another executor starts the next attempt without waiting.
+            await asyncio.shield(_nak(msg))
+            raise
+        except Exception:
+            log.exception("task %s attempt %d: executor error", item.task_id, slot.attempt)
+            await _nak(msg)
+        finally:
+            self.running.pop(item.task_id, None)
+            self._metrics.running.set(len(self.running))
+            self._slot_freed.set()
+
+    async def _execute(self, msg: Msg, slot: Slot) -> AnyEvent:
+        item, attempt = slot.item, slot.attempt
+        base = dict(
+            task_id=item.task_id, client=item.client, key=item.spec.key, attempt=attempt,
+            submitted_at=item.submitted_at, executor=self.id,
+        )  # fmt: skip
+        if attempt > item.spec.max_attempts:
+            at = now()
+            return Lost(
+                **base, at=at, finished_at=at,  # type: ignore[arg-type]
+                reason=f"gave up after {attempt - 1} attempts: the executors running it "
+                "stopped reporting (killed, crashed or cut off)",
+            )  # fmt: skip
+        if await self._cancel_requested(item.task_id):
+            at = now()
+            return FINISHED_BY_STATE["cancelled"](
+                **base,
+                at=at,
+                finished_at=at,
+                reason="cancelled before it started",  # type: ignore[arg-type]
+            )
+        if item.sensitive:
+            await self._report(Running(**base, at=now(), started_at=slot.started_at))  # type: ignore[arg-type]
+        keepalive = asyncio.create_task(self._keepalive(msg), name=f"keepalive:{item.task_id}")
+        try:
+            result = await run_process(
+                item.spec, limits=self._process_limits, base_env=os.environ,
+                log_path=self._log_path(item.task_id, attempt), cancel=slot.cancel,
+                cancel_reason=lambda: slot.cancel_reason,
+            )  # fmt: skip
+        finally:
+            keepalive.cancel()
+        return FINISHED_BY_STATE[result.outcome](
+            **base, at=result.finished_at, exit_code=result.exit_code,  # type: ignore[arg-type]
+            reason=result.reason, log_tail=result.log_tail, started_at=result.started_at,
+            finished_at=result.finished_at,
+        )  # fmt: skip
+
+    def _log_path(self, task_id: str, attempt: int) -> Path | None:
+        if self._log_dir is None:
+            return None
+        return self._log_dir / f"{names.kv_key(task_id)}.{attempt}.log"
+
+    async def _keepalive(self, msg: Msg) -> None:
+        interval = max(self._limits.work_ack_wait_s / 3, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # disconnected: keep trying, the server may come back
+                log.warning("in_progress for %s failed: %s", msg.subject, exc)
+
+    async def _report(self, event: AnyEvent) -> None:
+        """Publish an event until JetStream acknowledges it (a timeout is retried, same id)."""
+        out = Outgoing(
+            subject=names.event_subject(event.client), payload=encode(event),
+            msg_id=event.event_id,
+        )  # fmt: skip
+        backoff = 0.2
+        while True:
+            try:
+                await self._publisher.publish(out)
+                return
+            except Exception as exc:
+                log.warning("reporting %s failed (%s); retrying", event.event_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _cancel_requested(self, task_id: str) -> bool:
+        try:
+            entry = await self._buckets.cancel.get(names.kv_key(task_id))
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        return bool(entry.value)
+
+    def on_cancel(self, key: str, value: bytes | None) -> None:
+        """A cancel request arrived (KV watch): stop the task if it runs here."""
+        if value is None:
+            return
+        task_id = value.decode(errors="replace")
+        slot = self.running.get(task_id)
+        if slot is not None:
+            slot.cancel_reason = "cancelled by request"
+            slot.cancel.set()
+
+    # -- heartbeat and drain ----------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        running = [
+            RunningTask(
+                task_id=s.item.task_id, client=s.item.client, key=s.item.spec.key,
+                attempt=s.attempt, pool=s.item.pool, started_at=s.started_at,
+                submitted_at=s.item.submitted_at,
+            )
+            for s in self.running.values()
+        ]  # fmt: skip
+        return encode(Heartbeat(
+            executor=self.id, host=socket.gethostname(), pid=os.getpid(),
+            pools=[self._settings.pool], slots=self._settings.slots, running=running,
+            load=os.getloadavg()[0], at=now(), draining=self.draining,
+        ))  # fmt: skip
+
+    async def heartbeat_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_ok = loop.time()
+        while True:
+            try:
+                await self._buckets.executors.put(self.id, self.snapshot())
+                last_ok = loop.time()
+            except Exception as exc:
+                log.warning("heartbeat not stored: %s", exc)
+            self._metrics.heartbeat_age.set(loop.time() - last_ok)
+            await asyncio.sleep(self._limits.heartbeat_interval_s)
+
+    async def drain(self) -> None:
+        """Stop fetching, let running tasks finish until the deadline, hand back the rest."""
+        self.draining = True
+        self._slot_freed.set()
+        if self._tasks:
+            log.info(
+                "draining: %d tasks running, waiting up to %.0fs",
+                len(self._tasks),
+                self._settings.drain_timeout_s,
+            )
+            await asyncio.wait(set(self._tasks), timeout=self._settings.drain_timeout_s)
+        for task in set(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self._settings.kill_grace_s + 5)
+
+    async def forget(self) -> None:
+        """Remove this executor's heartbeat key: a clean exit, not a death to reconcile."""
+        try:
+            await self._buckets.executors.delete(self.id)
+        except Exception as exc:
+            log.warning("could not remove heartbeat key: %s", exc)
+
+
+async def _ack(msg: Msg) -> None:
+    for attempt in range(5):
+        try:
+            await msg.ack_sync(timeout=2.0)
+            return
+        except Exception as exc:
+            log.warning("ack of %s failed (%s), try %d", msg.subject, exc, attempt + 1)
+            await asyncio.sleep(0.2 * 2**attempt)
+    # Not acked: the work message is redelivered and the task runs again; its result is
+    # already reported, and the projection keeps the first terminal state of the new attempt.
+
+
+async def _nak(msg: Msg) -> None:
+    try:
+        await msg.nak()
+    except Exception as exc:
+        log.warning("nak of %s failed: %s", msg.subject, exc)

@@ -1,0 +1,313 @@
+"""Run one task as a local OS process group, bounded in time, output and lifetime.
+
+The task gets its own session (so its own process group): every stop — timeout, cancel, the
+runner itself being cancelled, or the leader simply exiting — ends with the whole group killed,
+so no part of a task outlives it. A process that calls `setsid()` itself leaves the group and
+cannot be reached this way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO, Final, Literal
+
+from mesh.wire import TaskSpec
+
+Outcome = Literal["succeeded", "failed", "timed_out", "cancelled"]
+
+# A descendant that keeps the output pipe open (one that escaped the group) must not hold the
+# runner: after the leader exits, output is read only this long.
+DRAIN_AFTER_EXIT_S: Final = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessLimits:
+    kill_grace_s: float = 5.0
+    log_max_bytes: int = 1024 * 1024
+    log_tail_bytes: int = 4096
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessResult:
+    outcome: Outcome
+    exit_code: int | None
+    reason: str
+    log_tail: str
+    started_at: datetime
+    finished_at: datetime
+    log_path: Path | None
+
+
+class _Output:
+    """Merged stdout+stderr: a bounded log file plus an in-memory tail."""
+
+    def __init__(self, log: BinaryIO | None, limits: ProcessLimits) -> None:
+        self._log = log
+        self._max = limits.log_max_bytes
+        self._tail_max = limits.log_tail_bytes
+        self._tail = bytearray()
+        self._logged = 0
+        self._truncated = False
+        self._last_logged = b"\n"
+        self.total = 0
+
+    def note(self, text: str) -> None:
+        """A line from the runner itself, visible in the tail (used when the log is unusable)."""
+        self._keep_tail(f"[tidegate: {text}]\n".encode())
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        if self._log is not None and not self._truncated:
+            part = data[: self._max - self._logged]
+            try:
+                if part:
+                    self._log.write(part)
+                    self._logged += len(part)
+                    self._last_logged = part[-1:]
+                if len(part) < len(data):
+                    self._truncated = True
+                    marker = f"[tidegate: log truncated at {self._max} bytes]\n".encode()
+                    self._log.write(marker if self._last_logged == b"\n" else b"\n" + marker)
+            except OSError as exc:
+                self._drop_log(f"log write failed: {exc}")
+        self._keep_tail(data)
+
+    def _keep_tail(self, data: bytes) -> None:
+        self._tail += data[-self._tail_max :]
+        if len(self._tail) > self._tail_max:
+            del self._tail[: len(self._tail) - self._tail_max]
+
+    def _drop_log(self, why: str) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            with contextlib.suppress(OSError):
+                log.close()
+        self.note(why)
+
+    def close(self) -> None:
+        if self._log is not None:
+            try:
+                self._log.close()
+            except OSError as exc:
+                self.note(f"log close failed: {exc}")
+            self._log = None
+
+    def tail(self) -> str:
+        tail = bytes(self._tail)
+        if self.total > len(tail):
+            # The cut may fall inside a UTF-8 sequence; drop its orphaned continuation bytes.
+            skip = 0
+            while skip < min(3, len(tail)) and tail[skip] & 0xC0 == 0x80:
+                skip += 1
+            tail = tail[skip:]
+        return tail.decode("utf-8", errors="replace")
+
+
+class _Protocol(asyncio.SubprocessProtocol):
+    """Exit and end-of-output are separate events: `Process.wait()` would also wait for every
+    holder of the pipe to close it, which an escaped grandchild may never do."""
+
+    def __init__(self, output: _Output) -> None:
+        self.output = output
+        self.exited = asyncio.Event()
+        self.drained = asyncio.Event()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.output.feed(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self.drained.set()
+
+    def process_exited(self) -> None:
+        self.exited.set()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    # ESRCH: the group is already gone; EPERM: only leftovers that changed credentials remain.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _stop_group(pgid: int, exited: asyncio.Event, grace_s: float) -> str:
+    """TERM the group, give the leader `grace_s` to go, then KILL; says how it ended."""
+    _killpg(pgid, signal.SIGTERM)
+    try:
+        async with asyncio.timeout(grace_s):
+            await exited.wait()
+        return "SIGTERM"
+    except TimeoutError:
+        _killpg(pgid, signal.SIGKILL)
+        await exited.wait()
+        return f"SIGKILL after {grace_s:g}s grace"
+
+
+def _open_log(path: Path) -> BinaryIO:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("wb")
+
+
+def _launch_error(exc: OSError | ValueError, spec: TaskSpec) -> str:
+    # subprocess reports a failed chdir as an OSError whose filename is the cwd.
+    if isinstance(exc, OSError) and spec.cwd is not None and exc.filename == spec.cwd:
+        if exc.errno == errno.ENOENT:
+            return f"cwd {spec.cwd} does not exist"
+        return f"cannot enter cwd {spec.cwd}: {exc.strerror}"
+    return f"cannot start: {exc}"
+
+
+def _exit_reason(code: int) -> str:
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+_Spawn = asyncio.Future[tuple[asyncio.SubprocessTransport, _Protocol]]
+
+
+def _reap_when_started(spawn: _Spawn) -> None:
+    if spawn.cancelled() or spawn.exception() is not None:
+        return
+    transport, _ = spawn.result()
+    _killpg(transport.get_pid(), signal.SIGKILL)
+    transport.close()
+
+
+async def run_process(
+    spec: TaskSpec,
+    *,
+    limits: ProcessLimits,
+    base_env: Mapping[str, str],
+    log_path: Path | None,
+    cancel: asyncio.Event | None = None,
+    cancel_reason: Callable[[], str] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> ProcessResult:
+    """Run `spec` to its end; task-caused problems come back as a result, never as an error."""
+    started_at = _now()
+
+    def finish(outcome: Outcome, code: int | None, reason: str) -> ProcessResult:
+        return ProcessResult(
+            outcome=outcome,
+            exit_code=code,
+            reason=reason,
+            log_tail=output.tail(),
+            started_at=started_at,
+            finished_at=_now(),
+            log_path=log_path,
+        )
+
+    def cancelled_reason() -> str:
+        return f"cancelled: {cancel_reason()}" if cancel_reason is not None else "cancelled"
+
+    log: BinaryIO | None = None
+    log_problem = ""
+    if log_path is not None:
+        try:
+            log = await asyncio.to_thread(_open_log, log_path)
+        except OSError as exc:
+            log_path, log_problem = None, f"cannot write log: {exc}"
+    output = _Output(log, limits)
+    if log_problem:
+        output.note(log_problem)
+
+    try:
+        if cancel is not None and cancel.is_set():
+            return finish("cancelled", None, cancelled_reason())
+        argv = ["/bin/sh", "-c", spec.shell] if spec.shell is not None else spec.argv or []
+        if not argv:
+            return finish("failed", None, "cannot start: no argv or shell command given")
+        loop = asyncio.get_running_loop()
+        spawn = asyncio.ensure_future(
+            loop.subprocess_exec(
+                lambda: _Protocol(output),
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                env={**base_env, **spec.env},
+                cwd=spec.cwd,
+            )
+        )
+        try:
+            transport, protocol = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            # The child may exist already, with nobody left to stop it.
+            spawn.add_done_callback(_reap_when_started)
+            raise
+        except (OSError, ValueError) as exc:
+            return finish("failed", None, _launch_error(exc, spec))
+
+        pgid = transport.get_pid()  # start_new_session: the leader's pid is the group's id
+        try:
+            if on_start is not None:
+                on_start(pgid)
+            stopped_by = await _wait_end(protocol.exited, cancel, spec.timeout_s)
+            killed_with = ""
+            if stopped_by != "exited":
+                killed_with = await _stop_group(pgid, protocol.exited, limits.kill_grace_s)
+            # Whatever of the tree is still around dies with the task.
+            _killpg(pgid, signal.SIGKILL)
+            try:
+                async with asyncio.timeout(DRAIN_AFTER_EXIT_S):
+                    await protocol.drained.wait()
+            except TimeoutError:
+                output.note(f"output still open {DRAIN_AFTER_EXIT_S:g}s after exit; rest unread")
+        except BaseException:
+            # Cancelled (executor draining or shutting down) or a failing `on_start`: the task
+            # still gets its grace period, and a second cancel still leaves no orphans.
+            try:
+                if not protocol.exited.is_set():
+                    await _stop_group(pgid, protocol.exited, limits.kill_grace_s)
+            finally:
+                _killpg(pgid, signal.SIGKILL)
+            raise
+        finally:
+            transport.close()
+
+        code = transport.get_returncode()
+        if stopped_by == "timeout":
+            return finish(
+                "timed_out",
+                code,
+                f"timed out after {spec.timeout_s:g}s; process group killed with {killed_with}",
+            )
+        if stopped_by == "cancel":
+            return finish("cancelled", code, cancelled_reason())
+        if code == 0:
+            return finish("succeeded", 0, "exit code 0")
+        return finish("failed", code, _exit_reason(code) if code is not None else "exit unknown")
+    finally:
+        output.close()
+
+
+async def _wait_end(
+    exited: asyncio.Event, cancel: asyncio.Event | None, timeout_s: float
+) -> Literal["exited", "timeout", "cancel"]:
+    waiters = [asyncio.ensure_future(exited.wait())]
+    if cancel is not None:
+        waiters.append(asyncio.ensure_future(cancel.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    # A leader that exited on its own wins over a timeout or cancel landing at the same moment.
+    if exited.is_set():
+        return "exited"
+    return "cancel" if cancel is not None and cancel.is_set() else "timeout"

@@ -1,0 +1,131 @@
+"""`tidegate driver`: route, project and housekeeping loops of one stateless driver.
+
+Drivers share everything through JetStream and PostgreSQL; start as many as you like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from mesh.clients import decode_client, sync_clients
+from mesh.config import Settings
+from mesh.kvwatch import KvMirror
+from mesh.metrics import DriverMetrics, serve
+from mesh.natsconn import connect
+from mesh.projector import Projector
+from mesh.publish import Publisher
+from mesh.route import Router
+from mesh.store.migrate import migrate
+from mesh.store.rows import ClientRecord
+from mesh.store.store import Store
+from mesh.supervise import Supervisor
+from mesh.topology import Buckets, ensure_all
+from mesh.wire import Heartbeat, decode_heartbeat
+
+log = logging.getLogger(__name__)
+
+
+class Driver:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = DriverMetrics()
+        self.store = Store(
+            settings.connection.database_url,
+            max_size=max(4, settings.driver.per_event_connections),
+            name="tidegate-driver",
+        )
+        self.supervisor = Supervisor("driver")
+        self.metrics_port: int | None = None
+        self._gauged: set[str] = set()  # executors with an age gauge, removed when they go
+
+    async def start(self) -> None:
+        s = self.settings
+        self.nc = await connect(s.connection.nats_url, "tidegate-driver")
+        js = self.nc.jetstream()
+        self.buckets: Buckets = await ensure_all(js, s.limits)
+        await self.store.open(wait=False)
+        if s.driver.metrics_port is not None:
+            _, self.metrics_port = serve(self.metrics.registry, s.driver.metrics_port)
+        self.publisher = Publisher(self.nc)
+        self.projector = Projector(js, self.store, s.driver, self.metrics)
+        self.clients: KvMirror[ClientRecord] = KvMirror(
+            self.buckets.clients, decode_client, name="clients"
+        )
+        self.executors: KvMirror[Heartbeat] = KvMirror(
+            self.buckets.executors, decode_heartbeat, name="executors",
+            on_change=self._on_heartbeat,
+        )  # fmt: skip
+        router = Router(js, self.publisher, self.clients.get, s.driver, s.limits, self.metrics)
+        sup = self.supervisor
+        # The database may be down at start: routing must not wait for it, only projection.
+        sup.start("database-setup", self._database_setup)
+        sup.start("clients", self.clients.run)
+        sup.start("executors", self.executors.run)
+        await self.clients.ready.wait()  # never reject a known client as unknown at start
+        sup.start("route", router.run)
+        sup.start("project", self.projector.run)
+        sup.start("gauges", self._gauges)
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self.scheduler.add_job(
+            self._retention, "cron", hour=0, minute=30, id="retention", coalesce=True,
+            max_instances=1, misfire_grace_time=3600,
+        )  # fmt: skip
+        self.scheduler.start()
+        log.info("driver up (persist=%s)", s.driver.persist)
+
+    async def stop(self) -> None:
+        self.scheduler.shutdown(wait=False)
+        await self.supervisor.stop()
+        await self.publisher.close()
+        await self.store.close()
+        await self.nc.drain()
+
+    def _on_heartbeat(self, key: str, hb: Heartbeat | None) -> None:
+        if hb is not None:
+            self.projector.offer_heartbeat(hb)
+        elif key in self._gauged:
+            self.metrics.heartbeat_age.remove(key)
+            self._gauged.discard(key)
+
+    async def _gauges(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            for key, at in list(self.executors.updated_at.items()):
+                self.metrics.heartbeat_age.labels(executor=key).set(now - at)
+                self._gauged.add(key)
+            self.metrics.executors.set(len(self.executors.values))
+            self.metrics.running.set(sum(len(h.running) for h in self.executors.values.values()))
+            await asyncio.sleep(1.0)
+
+    async def _database_setup(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                applied = await migrate(self.settings.connection.database_url)
+                if applied:
+                    log.info("applied migrations: %s", ", ".join(applied))
+                count = await sync_clients(self.store, self.buckets.clients)
+                log.info("mirrored %d clients into the clients bucket", count)
+                return
+            except Exception as exc:
+                log.warning("database not ready (%s); retrying in %.0fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _retention(self) -> None:
+        cutoff = (datetime.now(UTC) - timedelta(days=self.settings.driver.retention_days)).date()
+        dropped = await self.store.drop_partitions_before(cutoff)
+        log.info("retention: dropped %d day partitions before %s", dropped, cutoff)
+
+
+async def run_driver(settings: Settings, stop: asyncio.Event) -> None:
+    driver = Driver(settings)
+    await driver.start()
+    await stop.wait()
+    log.info("driver stopping")
+    await driver.stop()

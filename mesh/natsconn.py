@@ -1,0 +1,35 @@
+"""Connecting to NATS the way a long-lived component must."""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+
+log = logging.getLogger(__name__)
+
+
+async def connect(url: str, name: str, **options: object) -> NATS:
+    """A connection that never gives up reconnecting (nats-py's default stops after ~2 min)."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats (%s): %s", name, exc)
+
+    async def on_disconnect() -> None:
+        log.warning("nats (%s): disconnected from %s; reconnecting", name, url)
+
+    async def on_reconnect() -> None:
+        log.info("nats (%s): reconnected", name)
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        **options,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,191 @@
+"""The route step: validate submissions, choose pool and class, hand them to the executors.
+
+Drivers share one durable pull consumer on the submission stream. For each batch a driver
+publishes every routed task to the work stream and a `queued` (or `rejected`) event to the
+events stream, and acks a submission only after both PubAcks are in. A driver killed halfway
+leaves its submissions unacked; another driver routes them again, and the dedup ids
+(task id, event id) make the second publish a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from mesh import names
+from mesh.config import DriverSettings, Limits
+from mesh.errors import InvalidTask
+from mesh.metrics import DriverMetrics
+from mesh.publish import MSG_ID_HEADER, Outgoing, PubAck, Publisher
+from mesh.store.rows import ClientRecord
+from mesh.wire import (
+    AnyEvent,
+    Queued,
+    Rejected,
+    TaskClass,
+    WorkItem,
+    decode_spec,
+    encode,
+    now,
+    task_id,
+)
+
+log = logging.getLogger(__name__)
+
+ClientLookup = Callable[[str], ClientRecord | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to publish for one submission: a work item and its event, or a rejection."""
+
+    event: AnyEvent
+    work: WorkItem | None = None
+
+
+def task_class(timeout_s: float, short_max_timeout_s: float) -> TaskClass:
+    return "short" if timeout_s <= short_max_timeout_s else "long"
+
+
+def decide(
+    msg_subject: str, data: bytes, header_msg_id: str | None, stream_seq: int,
+    submitted_at: datetime, *, lookup: ClientLookup, settings: DriverSettings, limits: Limits,
+) -> Decision:  # fmt: skip
+    """Pure routing decision for one submission (no I/O; unit-testable)."""
+    client = names.client_of_submit_subject(msg_subject)
+    # `submitted_at` is JetStream's stored time of the submission: the same when another
+    # driver routes it again, so the row lands in the same day partition.
+    at = submitted_at
+    # The key is read from the dedup header when the body cannot be trusted, so even a
+    # malformed submission gets a rejected state under the id its client will look for.
+    prefix = f"{client}:"
+    key = header_msg_id[len(prefix) :] if header_msg_id and header_msg_id.startswith(prefix) else ""
+    key = key or f"_unkeyed-{stream_seq}"
+
+    def reject(reason: str) -> Decision:
+        return Decision(event=Rejected(
+            task_id=task_id(client, key), client=client, key=key, attempt=0, at=at,
+            submitted_at=at, reason=reason, finished_at=at,
+        ))  # fmt: skip
+
+    if len(data) > limits.max_task_bytes:
+        return reject(f"task is {len(data)} bytes; the limit is {limits.max_task_bytes}")
+    record = lookup(client)
+    if record is None:
+        return reject(f"unknown client {client!r}: register it with `tidegate client add`")
+    try:
+        spec = decode_spec(data)
+    except InvalidTask as exc:
+        return reject(str(exc))
+    if header_msg_id is not None and header_msg_id != names.msg_id(client, spec.key):
+        return reject(
+            f"Nats-Msg-Id {header_msg_id!r} does not match the task key; "
+            f"use {names.msg_id(client, spec.key)!r}"
+        )
+    tid = task_id(client, spec.key)
+    pool = spec.pool or record.default_pool or settings.default_pool
+    cls = task_class(spec.timeout_s, settings.short_max_timeout_s)
+    work = WorkItem(
+        task_id=tid, client=client, spec=spec, pool=pool, task_class=cls,
+        submitted_at=at, sensitive=record.sensitive,
+    )  # fmt: skip
+    queued = Queued(
+        task_id=tid, client=client, key=spec.key, attempt=0, at=at, submitted_at=at,
+        spec=spec, pool=pool, task_class=cls,
+    )  # fmt: skip
+    return Decision(event=queued, work=work)
+
+
+class Router:
+    def __init__(
+        self, js: JetStreamContext, publisher: Publisher, lookup: ClientLookup,
+        settings: DriverSettings, limits: Limits, metrics: DriverMetrics,
+    ) -> None:  # fmt: skip
+        self._js = js
+        self._publisher = publisher
+        self._lookup = lookup
+        self._settings = settings
+        self._limits = limits
+        self._metrics = metrics
+
+    async def run(self) -> None:
+        sub = await self._js.pull_subscribe_bind(names.ROUTE_CONSUMER, stream=names.TASKS_STREAM)
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(self._settings.route_batch, timeout=1.0)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue
+                await self.route_batch(msgs)
+        finally:
+            await sub.unsubscribe()
+
+    async def route_batch(self, msgs: list[Msg]) -> None:
+        outgoing: list[list[Outgoing]] = []
+        decisions: list[Decision] = []
+        for msg in msgs:
+            header_id = (msg.headers or {}).get(MSG_ID_HEADER)
+            d = decide(
+                msg.subject, msg.data, header_id, msg.metadata.sequence.stream,
+                msg.metadata.timestamp or now(),
+                lookup=self._lookup, settings=self._settings, limits=self._limits,
+            )  # fmt: skip
+            decisions.append(d)
+            outgoing.append(_outgoing(d))
+        flat = [o for group in outgoing for o in group]
+        results = await self._publisher.publish_many(flat)
+        i = 0
+        acks = []
+        for msg, group, d in zip(msgs, outgoing, decisions, strict=True):
+            mine = results[i : i + len(group)]
+            i += len(group)
+            if all(isinstance(r, PubAck) for r in mine):
+                acks.append(msg.ack())
+                if d.work is None:
+                    self._metrics.rejected.labels(reason=_reason_kind(d.event)).inc()
+                    log.info("rejected %s: %s", d.event.task_id, getattr(d.event, "reason", ""))
+                else:
+                    self._metrics.routed.labels(
+                        pool=d.work.pool, task_class=d.work.task_class
+                    ).inc()
+            else:
+                # Not acked: JetStream redelivers it after the ack wait; a nak with a delay
+                # gives the buffer time to drain if the work stream is full.
+                failure = next(r for r in mine if isinstance(r, Exception))
+                log.warning("could not hand off %s (%s); will retry", d.event.task_id, failure)
+                self._metrics.handoff_failures.inc()
+                acks.append(msg.nak(delay=2.0))
+        await asyncio.gather(*acks)
+
+
+def _outgoing(d: Decision) -> list[Outgoing]:
+    event_out = Outgoing(
+        subject=names.event_subject(d.event.client), payload=encode(d.event),
+        msg_id=d.event.event_id,
+    )  # fmt: skip
+    if d.work is None:
+        return [event_out]
+    work_out = Outgoing(
+        subject=names.work_subject(d.work.pool, d.work.task_class), payload=encode(d.work),
+        msg_id=d.work.task_id,
+    )  # fmt: skip
+    return [work_out, event_out]
+
+
+def _reason_kind(event: AnyEvent) -> str:
+    """A small fixed set of label values for the rejected counter (reasons themselves vary)."""
+    reason = getattr(event, "reason", "")
+    for marker, kind in (
+        ("bytes; the limit", "oversized"), ("unknown client", "unknown_client"),
+        ("malformed JSON", "malformed"), ("Nats-Msg-Id", "bad_msg_id"),
+    ):  # fmt: skip
+        if marker in reason:
+            return kind
+    return "invalid"

@@ -1,0 +1,145 @@
+-- Every statement the store sends, by name (loaded by mesh/store/queries.py).
+-- Full-line comments are stripped before sending; keep them above or between clauses.
+
+-- name: session_setup
+SET TIME ZONE 'UTC';
+
+-- name: lock_migrations
+-- Session-level: held across the per-file transactions, so a second migrator waits and then
+-- finds nothing left to do.
+SELECT pg_advisory_lock(hashtext('tidegate.migrations'));
+
+-- name: unlock_migrations
+SELECT pg_advisory_unlock(hashtext('tidegate.migrations'));
+
+-- name: create_schema_migrations
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: applied_migrations
+SELECT version FROM schema_migrations ORDER BY version;
+
+-- name: record_migration
+INSERT INTO schema_migrations (version) VALUES (%(version)s);
+
+-- name: ensure_partitions
+-- Days sorted by the caller, so concurrent creators take the partition lock in one order.
+SELECT tg_ensure_partition(day) FROM unnest(%(days)s::date[]) AS day;
+
+-- name: upsert_tasks
+-- One statement for a whole batch (or one row, in the per-event baseline).
+-- Monotone: the state columns move only to a greater (attempt, state_rank), so batching,
+-- reordering, redelivery and replay cannot move a task backwards. The spec side is filled in
+-- while still null, whatever order it arrives in; started_at only grows (a later attempt
+-- starts later). mesh/store/rows.py `merge` is the same rule in Python: keep them in step.
+-- The WHERE skips writes that would change nothing, so a replayed stream costs no new tuples.
+-- Arrays travel in binary (%b): text arrays of JSON cost more to quote than the insert itself.
+INSERT INTO tasks AS t (
+    task_id, client, key, submitted_on, submitted_at, pool, task_class, spec, priority, labels,
+    max_attempts, state, state_rank, attempt, executor, exit_code, reason, log_tail,
+    started_at, finished_at)
+SELECT * FROM unnest(
+    %(task_id)b::text[], %(client)b::text[], %(key)b::text[], %(submitted_on)b::date[],
+    %(submitted_at)b::timestamptz[], %(pool)b::text[], %(task_class)b::text[],
+    %(spec)b::text[]::jsonb[], %(priority)b::integer[], %(labels)b::text[]::jsonb[],
+    %(max_attempts)b::integer[], %(state)b::text[], %(state_rank)b::smallint[],
+    %(attempt)b::integer[], %(executor)b::text[], %(exit_code)b::integer[], %(reason)b::text[],
+    %(log_tail)b::text[], %(started_at)b::timestamptz[], %(finished_at)b::timestamptz[])
+ON CONFLICT (task_id, submitted_on) DO UPDATE SET
+    state = CASE WHEN (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
+                 THEN excluded.state ELSE t.state END,
+    state_rank = CASE WHEN (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
+                      THEN excluded.state_rank ELSE t.state_rank END,
+    attempt = CASE WHEN (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
+                   THEN excluded.attempt ELSE t.attempt END,
+    exit_code = CASE WHEN (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
+                     THEN excluded.exit_code ELSE t.exit_code END,
+    reason = CASE WHEN (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
+                  THEN excluded.reason ELSE t.reason END,
+    log_tail = CASE WHEN (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
+                    THEN excluded.log_tail ELSE t.log_tail END,
+    finished_at = CASE WHEN (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
+                       THEN excluded.finished_at ELSE t.finished_at END,
+    -- Within one attempt the executor is kept when the winning report lacks it (a `lost`
+    -- decided by a driver still names the host it was lost on).
+    executor = CASE
+        WHEN excluded.attempt > t.attempt THEN excluded.executor
+        WHEN excluded.attempt < t.attempt THEN t.executor
+        WHEN excluded.state_rank > t.state_rank THEN coalesce(excluded.executor, t.executor)
+        ELSE coalesce(t.executor, excluded.executor) END,
+    pool = coalesce(t.pool, excluded.pool),
+    task_class = coalesce(t.task_class, excluded.task_class),
+    spec = coalesce(t.spec, excluded.spec),
+    priority = coalesce(t.priority, excluded.priority),
+    labels = coalesce(t.labels, excluded.labels),
+    max_attempts = coalesce(t.max_attempts, excluded.max_attempts),
+    started_at = greatest(t.started_at, excluded.started_at),
+    updated_at = now()
+WHERE (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
+   OR (t.spec IS NULL AND excluded.spec IS NOT NULL)
+   OR (t.pool IS NULL AND excluded.pool IS NOT NULL)
+   OR (t.task_class IS NULL AND excluded.task_class IS NOT NULL)
+   OR (excluded.started_at IS NOT NULL
+       AND (t.started_at IS NULL OR excluded.started_at > t.started_at))
+   OR (excluded.attempt = t.attempt AND t.executor IS NULL AND excluded.executor IS NOT NULL);
+
+-- name: drop_partitions_before
+SELECT tg_drop_partitions_before(%(day)s::date);
+
+-- name: get_task
+-- A key reused after the dedup window makes a second row on a later day: show the newest.
+SELECT * FROM task_records WHERE task_id = %(task_id)s ORDER BY submitted_at DESC LIMIT 1;
+
+-- name: list_tasks
+-- Four spellings instead of `(%s IS NULL OR col = %s)`, which defeats the indexes once the
+-- statement is prepared with a generic plan.
+SELECT * FROM task_records ORDER BY submitted_at DESC, task_id LIMIT %(limit)s;
+
+-- name: list_tasks_by_client
+SELECT * FROM task_records WHERE client = %(client)s
+ORDER BY submitted_at DESC, task_id LIMIT %(limit)s;
+
+-- name: list_tasks_by_state
+SELECT * FROM task_records WHERE state = %(state)s
+ORDER BY submitted_at DESC, task_id LIMIT %(limit)s;
+
+-- name: list_tasks_by_client_state
+SELECT * FROM task_records WHERE client = %(client)s AND state = %(state)s
+ORDER BY submitted_at DESC, task_id LIMIT %(limit)s;
+
+-- name: count_tasks_by_state
+-- With `since`, partitions of earlier days are pruned at execution instead of scanned.
+SELECT state, count(*) AS n FROM tasks
+WHERE submitted_on >= coalesce(%(since)s::date, '-infinity'::date)
+GROUP BY state;
+
+-- name: add_client
+INSERT INTO clients (
+    name, sensitive, callback_url, callback_nats, callback_secret, max_running,
+    max_submit_per_s, default_pool, paused)
+VALUES (
+    %(name)s, %(sensitive)s, %(callback_url)s, %(callback_nats)s, %(callback_secret)s,
+    %(max_running)s, %(max_submit_per_s)s, %(default_pool)s, %(paused)s)
+ON CONFLICT (name) DO NOTHING
+RETURNING *;
+
+-- name: get_client
+SELECT * FROM clients WHERE name = %(name)s;
+
+-- name: list_clients
+SELECT * FROM clients ORDER BY name;
+
+-- name: update_client
+-- The changes are a JSON object holding only the columns to set; jsonb_populate_record takes
+-- every other column from the current row, so one static statement serves any subset.
+UPDATE clients AS c SET
+    (sensitive, callback_url, callback_nats, callback_secret, max_running, max_submit_per_s,
+     default_pool, paused) =
+    (SELECT p.sensitive, p.callback_url, p.callback_nats, p.callback_secret, p.max_running,
+            p.max_submit_per_s, p.default_pool, p.paused
+     FROM jsonb_populate_record(c, %(changes)s::jsonb) AS p),
+    updated_at = now()
+WHERE c.name = %(name)s
+RETURNING c.*;

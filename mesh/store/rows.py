@@ -1,0 +1,276 @@
+"""The store's rows: what is written to `tasks` and how a batch is coalesced, and the records
+read back (`TaskRecord`, `ClientRecord`).
+
+Pure logic. `merge` is the monotone upsert of `queries.sql` (`upsert_tasks`) in Python, so
+`coalesce` can fold many transitions of a task into the one row the database would end up with
+had they been written one by one, in any order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, TypedDict, assert_never
+
+import msgspec
+from msgspec import Meta, Struct
+
+from mesh.wire import (
+    STATE_RANK,
+    AnyEvent,
+    Dispatched,
+    Finished,
+    Heartbeat,
+    Name,
+    Queued,
+    Running,
+    TaskSpec,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRow:
+    """One write to the projection. `None` means "this report does not know", never "clear"."""
+
+    task_id: str
+    client: str
+    key: str
+    submitted_at: datetime
+    state: str
+    attempt: int
+    pool: str | None = None
+    task_class: str | None = None
+    spec: TaskSpec | None = None
+    executor: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    log_tail: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    # The partition key: the UTC day of submission, the same for every event of a task.
+    submitted_on: date = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.submitted_at.tzinfo is None:
+            # A naive time would land in a partition chosen by this host's local zone.
+            raise ValueError(f"{self.task_id}: submitted_at must be timezone-aware")
+        if self.state not in STATE_RANK:
+            raise ValueError(f"{self.task_id}: unknown state {self.state!r}")
+        object.__setattr__(self, "submitted_on", self.submitted_at.astimezone(UTC).date())
+
+    @property
+    def state_rank(self) -> int:
+        return STATE_RANK[self.state]
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.attempt, STATE_RANK[self.state])
+
+
+class _Common(TypedDict):
+    task_id: str
+    client: str
+    key: str
+    submitted_at: datetime
+    state: str
+    attempt: int
+
+
+def row_from_event(event: AnyEvent | Finished) -> TaskRow:
+    """The row an event writes (`Finished` too: `FINISHED_BY_STATE[state](...)` builds one)."""
+    base = _Common(
+        task_id=event.task_id,
+        client=event.client,
+        key=event.key,
+        submitted_at=event.submitted_at,
+        state=event.state,
+        attempt=event.attempt,
+    )
+    match event:
+        case Queued():
+            return TaskRow(
+                **base, spec=event.spec, pool=event.pool, task_class=event.task_class
+            )
+        case Dispatched():
+            return TaskRow(**base, executor=event.executor)
+        case Running():
+            return TaskRow(**base, executor=event.executor, started_at=event.started_at)
+        case Finished():
+            return TaskRow(
+                **base,
+                executor=event.executor,
+                exit_code=event.exit_code,
+                reason=event.reason,
+                log_tail=event.log_tail,
+                started_at=event.started_at,
+                finished_at=event.finished_at,
+            )
+        case _:
+            assert_never(event)
+
+
+def rows_from_heartbeat(hb: Heartbeat) -> list[TaskRow]:
+    """Non-sensitive clients' `running` states travel only here, not as events."""
+    return [
+        TaskRow(
+            task_id=t.task_id,
+            client=t.client,
+            key=t.key,
+            submitted_at=t.submitted_at,
+            state="running",
+            attempt=t.attempt,
+            pool=t.pool,
+            executor=hb.executor,
+            started_at=t.started_at,
+        )
+        for t in hb.running
+    ]
+
+
+def _greatest(a: datetime | None, b: datetime | None) -> datetime | None:
+    # SQL greatest() ignores nulls.
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def merge(old: TaskRow, new: TaskRow) -> TaskRow:
+    """`new` written over `old`: exactly what `upsert_tasks` does on conflict."""
+    advance = new.order > old.order
+    winner = new if advance else old
+    if new.attempt != old.attempt:
+        executor = winner.executor
+    elif advance:
+        executor = new.executor if new.executor is not None else old.executor
+    else:
+        executor = old.executor if old.executor is not None else new.executor
+    return dataclasses.replace(
+        old,
+        state=winner.state,
+        attempt=winner.attempt,
+        exit_code=winner.exit_code,
+        reason=winner.reason,
+        log_tail=winner.log_tail,
+        finished_at=winner.finished_at,
+        executor=executor,
+        pool=old.pool if old.pool is not None else new.pool,
+        task_class=old.task_class if old.task_class is not None else new.task_class,
+        spec=old.spec if old.spec is not None else new.spec,
+        started_at=_greatest(old.started_at, new.started_at),
+    )
+
+
+def coalesce(rows: Iterable[TaskRow]) -> list[TaskRow]:
+    """One row per (task_id, submitted_on), in order of first appearance.
+
+    The state fields come from the greatest (attempt, state rank), the first seen on a tie;
+    the spec side from whichever row carries it; started_at is the latest seen.
+    """
+    out: dict[tuple[str, date], TaskRow] = {}
+    for row in rows:
+        k = (row.task_id, row.submitted_on)
+        old = out.get(k)
+        out[k] = row if old is None else merge(old, row)
+    return list(out.values())
+
+
+def columns(rows: Sequence[TaskRow]) -> dict[str, list[Any]]:
+    """The batch as one array per column, the parameters of `upsert_tasks`."""
+    enc = msgspec.json.encode
+    specs = [r.spec for r in rows]
+    return {
+        "task_id": [r.task_id for r in rows],
+        "client": [r.client for r in rows],
+        "key": [r.key for r in rows],
+        "submitted_on": [r.submitted_on for r in rows],
+        "submitted_at": [r.submitted_at for r in rows],
+        "pool": [r.pool for r in rows],
+        "task_class": [r.task_class for r in rows],
+        # JSON is encoded here by msgspec and cast in SQL: psycopg cannot dump a TaskSpec.
+        "spec": [None if s is None else enc(s).decode() for s in specs],
+        "priority": [None if s is None else s.priority for s in specs],
+        "labels": [None if s is None else enc(s.labels).decode() for s in specs],
+        "max_attempts": [None if s is None else s.max_attempts for s in specs],
+        "state": [r.state for r in rows],
+        "state_rank": [r.state_rank for r in rows],
+        "attempt": [r.attempt for r in rows],
+        "executor": [r.executor for r in rows],
+        "exit_code": [r.exit_code for r in rows],
+        "reason": [r.reason for r in rows],
+        "log_tail": [r.log_tail for r in rows],
+        "started_at": [r.started_at for r in rows],
+        "finished_at": [r.finished_at for r in rows],
+    }
+
+
+# --- read side -------------------------------------------------------------------------------
+
+
+class TaskRecord(Struct, frozen=True, kw_only=True):
+    """A task as `tidegate task show --json` prints it; the field names are a stable contract.
+
+    The spec's fields (argv … max_attempts) are null while the `queued` event is not projected
+    yet; `duration_s` is null unless both `started_at` and `finished_at` are known.
+    """
+
+    task_id: str
+    client: str
+    key: str
+    state: str
+    attempt: int
+    pool: str | None
+    task_class: str | None
+    executor: str | None
+    exit_code: int | None
+    reason: str | None
+    log_tail: str | None
+    submitted_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    updated_at: datetime
+    argv: list[str] | None
+    shell: str | None
+    env: dict[str, str] | None
+    cwd: str | None
+    timeout_s: float | None
+    labels: dict[str, str] | None
+    priority: int | None
+    max_attempts: int | None
+
+
+class ClientRecord(Struct, frozen=True, kw_only=True):
+    """A row of `clients`, also the JSON mirrored into the clients KV bucket.
+
+    The database's CHECK constraints are the authority; the annotations repeat them so that a
+    KV watcher decoding this JSON rejects the same values.
+    """
+
+    name: Name
+    sensitive: bool = False
+    callback_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
+    callback_nats: bool = False
+    callback_secret: str | None = None
+    max_running: Annotated[int, Meta(ge=0)] | None = None
+    max_submit_per_s: Annotated[float, Meta(gt=0)] | None = None
+    default_pool: Name = "default"
+    paused: bool = False
+    created_at: datetime | None = None  # set by the database
+    updated_at: datetime | None = None
+
+
+class ClientChanges(TypedDict, total=False):
+    """The columns `Store.update_client` may change; a key given as None clears that column."""
+
+    sensitive: bool
+    callback_url: str | None
+    callback_nats: bool
+    callback_secret: str | None
+    max_running: int | None
+    max_submit_per_s: float | None
+    default_pool: str
+    paused: bool

@@ -1,0 +1,284 @@
+"""The PostgreSQL store: the task projection, clients, and partition retention.
+
+A narrow interface over a connection pool; every statement lives in `queries.sql`.
+Connections run in autocommit so that a single statement is a single round trip and a single
+commit; multi-statement work opens an explicit transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self, Unpack
+
+import msgspec
+import psycopg
+from psycopg.rows import TupleRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from mesh.errors import StoreError, UnknownClient
+from mesh.store.queries import Q
+from mesh.store.rows import (
+    ClientChanges,
+    ClientRecord,
+    TaskRecord,
+    TaskRow,
+    coalesce,
+    columns,
+)
+from mesh.wire import STATE_RANK
+
+__all__ = ["ClientChanges", "ClientRecord", "Store", "TaskRecord", "TaskRow"]
+
+log = logging.getLogger(__name__)
+
+# The clients table's CHECK constraints, in words an operator can act on.
+_CLIENT_CHECKS = {
+    "clients_name_valid": "a client name is 1-64 letters, digits, '_' or '-'",
+    "clients_default_pool_valid": "default_pool is 1-64 letters, digits, '_' or '-'",
+    "clients_one_callback": "give a callback URL or NATS callbacks, not both",
+    "clients_callback_url_http": "callback_url must start with http:// or https://",
+    "clients_max_running_positive": "max_running must be 0 or more",
+    "clients_max_submit_positive": "max_submit_per_s must be greater than 0",
+}
+_CLIENT_FIELDS = frozenset(ClientChanges.__optional_keys__ | ClientChanges.__required_keys__)
+
+
+@contextmanager
+def _failing(op: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.errors.CheckViolation as exc:
+        hint = _CLIENT_CHECKS.get(exc.diag.constraint_name or "")
+        raise StoreError(f"{op}: {hint or exc}") from exc
+    except psycopg.Error as exc:
+        raise StoreError(f"{op} failed: {exc}") from exc
+
+
+def _missing_partition(exc: psycopg.errors.CheckViolation) -> bool:
+    return (exc.diag.message_primary or "").startswith("no partition of relation")
+
+
+class Store:
+    """Everything Tidegate reads from and writes to PostgreSQL."""
+
+    def __init__(
+        self, conninfo: str, *, min_size: int = 1, max_size: int = 4, name: str = "tidegate"
+    ) -> None:
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            name=name,
+            kwargs={"autocommit": True, "application_name": name},
+            configure=self._configure,
+        )
+        # Days whose partition this Store has created or seen committed: skip the call.
+        self._days: set[date] = set()
+
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+        # Times read back carry UTC whatever the server's zone, so the JSON shape is stable.
+        await conn.execute(Q.session_setup)
+
+    async def open(self, *, wait: bool = True, timeout: float = 30.0) -> None:
+        """Open the pool; with `wait`, fail unless `min_size` connections come up in time."""
+        with _failing("open the database pool"):
+            await self._pool.open(wait=wait, timeout=timeout)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- the projection ----------------------------------------------------------------------
+
+    async def upsert_tasks(self, rows: Sequence[TaskRow]) -> int:
+        """Write a batch in one statement and one commit; returns the rows inserted or changed.
+
+        Rows that would not move a task forward are skipped by the database, so the count can
+        be lower than `len(rows)`. Database errors propagate (psycopg.Error): the caller keeps
+        the batch and retries with backoff.
+        """
+        # Duplicate keys would make ON CONFLICT fail the whole batch ("cannot affect row a
+        # second time") on every retry, a poison batch: fold them even if the caller forgot.
+        # Key order makes concurrent writers lock rows in one order, so they cannot deadlock.
+        batch = sorted(coalesce(rows), key=lambda r: (r.submitted_on, r.task_id))
+        return await self._write(batch)
+
+    async def upsert_task_one(self, row: TaskRow) -> int:
+        """The same monotone upsert for a single row: one statement, one commit."""
+        return await self._write([row])
+
+    async def _write(self, batch: Sequence[TaskRow]) -> int:
+        if not batch:
+            return 0
+        params = columns(batch)
+        try:
+            return await self._upsert(params, {r.submitted_on for r in batch})
+        except psycopg.errors.CheckViolation as exc:
+            if not _missing_partition(exc):
+                raise
+            # Another driver's retention dropped a day we had cached; ensure it afresh once.
+            log.warning("a cached partition is gone, re-creating: %s", exc)
+            self._days.clear()
+            return await self._upsert(params, {r.submitted_on for r in batch})
+
+    async def _upsert(self, params: dict[str, list[Any]], days: set[date]) -> int:
+        # Tomorrow's partition is made a day early: creating one takes an exclusive lock on
+        # `tasks` and re-plans every session's statements, the last thing wanted at midnight.
+        today = datetime.now(UTC).date()
+        wanted = days | {d + timedelta(days=1) for d in days if d >= today}
+        new_days = sorted(wanted - self._days)
+        async with self._pool.connection() as conn:
+            if not new_days:
+                cur = await conn.execute(Q.upsert_tasks, params)
+                return cur.rowcount
+            async with conn.transaction():
+                await conn.execute(Q.ensure_partitions, {"days": new_days})
+                cur = await conn.execute(Q.upsert_tasks, params)
+        # Only after the commit: a rolled-back transaction took its new partition with it.
+        self._days.update(new_days)
+        return cur.rowcount
+
+    async def ensure_partitions(self, days: Iterable[date]) -> None:
+        """Create the partitions of `days` ahead of need (e.g. tomorrow's, before midnight)."""
+        wanted = sorted(set(days))
+        with _failing("ensure_partitions"):
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(Q.ensure_partitions, {"days": wanted})
+        self._days.update(wanted)
+
+    async def drop_partitions_before(self, day: date) -> int:
+        """Retention: drop the daily partitions of every day before `day`; returns how many."""
+        with _failing("drop_partitions_before"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(Q.drop_partitions_before, {"day": day})
+                row = await cur.fetchone()
+        self._days = {d for d in self._days if d >= day}
+        return int(row[0]) if row else 0
+
+    # --- reading tasks -----------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        with _failing("get_task"):
+            async with self._pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(Q.get_task, {"task_id": task_id})
+                row = await cur.fetchone()
+        return None if row is None else msgspec.convert(row, TaskRecord)
+
+    async def list_tasks(
+        self, *, client: str | None = None, state: str | None = None, limit: int = 100
+    ) -> list[TaskRecord]:
+        """Tasks newest first, optionally of one client and/or in one state."""
+        if state is not None and state not in STATE_RANK:
+            raise ValueError(f"unknown state {state!r}; one of {', '.join(STATE_RANK)}")
+        if limit < 0:
+            raise ValueError(f"limit must be 0 or more, not {limit}")
+        if client is None:
+            query = Q.list_tasks if state is None else Q.list_tasks_by_state
+        else:
+            query = Q.list_tasks_by_client if state is None else Q.list_tasks_by_client_state
+        with _failing("list_tasks"):
+            async with self._pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(query, {"client": client, "state": state, "limit": limit})
+                rows = await cur.fetchall()
+        return [msgspec.convert(r, TaskRecord) for r in rows]
+
+    async def count_tasks_by_state(self, *, since: date | None = None) -> dict[str, int]:
+        """Tasks per state (submitted on `since` or later, if given).
+
+        Every known state is present, zeros included, so a gauge drops to 0 instead of
+        vanishing. Without `since` this counts every partition: not for a hot scrape loop.
+        """
+        counts = dict.fromkeys(STATE_RANK, 0)
+        with _failing("count_tasks_by_state"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(Q.count_tasks_by_state, {"since": since})
+                for state, n in await cur.fetchall():
+                    counts[str(state)] = int(n)
+        return counts
+
+    # --- clients -----------------------------------------------------------------------------
+
+    async def add_client(self, client: ClientRecord) -> ClientRecord:
+        """Register a client; returns it as stored (with its timestamps)."""
+        params = msgspec.structs.asdict(client)
+        with _failing(f"add client {client.name!r}"):
+            async with self._pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(Q.add_client, params)
+                row = await cur.fetchone()
+        if row is None:
+            raise StoreError(
+                f"client {client.name!r} already exists; change it with "
+                f"`tidegate client set {client.name} ...`"
+            )
+        return msgspec.convert(row, ClientRecord)
+
+    async def get_client(self, name: str) -> ClientRecord | None:
+        with _failing("get_client"):
+            async with self._pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(Q.get_client, {"name": name})
+                row = await cur.fetchone()
+        return None if row is None else msgspec.convert(row, ClientRecord)
+
+    async def list_clients(self) -> list[ClientRecord]:
+        with _failing("list_clients"):
+            async with self._pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(Q.list_clients)
+                rows = await cur.fetchall()
+        return [msgspec.convert(r, ClientRecord) for r in rows]
+
+    async def update_client(self, name: str, **changes: Unpack[ClientChanges]) -> ClientRecord:
+        """Change some columns of a client; returns the client as stored afterwards."""
+        unknown = changes.keys() - _CLIENT_FIELDS
+        if unknown:
+            raise StoreError(
+                f"update client {name!r}: unknown field(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(_CLIENT_FIELDS))}"
+            )
+        # Naming one callback transport switches off the other instead of tripping the
+        # clients_one_callback constraint; naming both leaves the choice to the caller.
+        if changes.get("callback_url") is not None and "callback_nats" not in changes:
+            changes["callback_nats"] = False
+        if changes.get("callback_nats") and "callback_url" not in changes:
+            changes["callback_url"] = None
+        if not changes:
+            current = await self.get_client(name)
+            if current is None:
+                raise UnknownClient(f"no client named {name!r}; add it with `tidegate client add`")
+            return current
+        try:
+            valid = msgspec.convert(changes, ClientChanges)
+        except msgspec.ValidationError as exc:
+            raise StoreError(f"update client {name!r}: {exc}") from None
+        with _failing(f"update client {name!r}"):
+            async with self._pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(
+                    Q.update_client,
+                    {"name": name, "changes": msgspec.json.encode(valid).decode()},
+                )
+                row = await cur.fetchone()
+        if row is None:
+            raise UnknownClient(f"no client named {name!r}; add it with `tidegate client add`")
+        return msgspec.convert(row, ClientRecord)

@@ -1,0 +1,59 @@
+"""Named, supervised background loops: a crashing loop is logged and restarted, never silent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+LoopFactory = Callable[[], Awaitable[None]]
+
+
+class Supervisor:
+    """Runs named loops; restarts a crashed loop with backoff, counts restarts per loop."""
+
+    def __init__(self, owner: str, *, max_backoff_s: float = 10.0) -> None:
+        self.owner = owner
+        self.max_backoff_s = max_backoff_s
+        self.restarts: dict[str, int] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str, loop: LoopFactory) -> None:
+        if name in self._tasks:
+            raise ValueError(f"loop {name!r} already runs in {self.owner}")
+        self.restarts[name] = 0
+        self._tasks[name] = asyncio.create_task(
+            self._guard(name, loop), name=f"{self.owner}:{name}"
+        )
+
+    async def _guard(self, name: str, loop: LoopFactory) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await loop()
+                log.info("%s: loop %s finished", self.owner, name)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.restarts[name] += 1
+                log.exception(
+                    "%s: loop %s crashed (restart #%d in %.1fs)",
+                    self.owner, name, self.restarts[name], backoff,
+                )  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks.values(), timeout=timeout)
+        self._tasks.clear()
+
+    async def wait(self) -> None:
+        """Return when every loop has finished (they normally run until stopped)."""
+        if self._tasks:
+            await asyncio.wait(self._tasks.values())

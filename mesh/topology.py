@@ -1,0 +1,141 @@
+"""Create or update every stream, consumer and KV bucket, idempotently, at component start.
+
+Any number of drivers and executors may run this at once: `add_stream`/`add_consumer` with the
+same config are no-ops on the server, and a changed config is applied with an update.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
+
+from mesh import names
+from mesh.config import Limits
+from mesh.wire import TaskClass
+
+log = logging.getLogger(__name__)
+
+# Pending acks per consumer: the server-side cap on messages a consumer may hold unacked.
+# The projector holds a whole batch (plus the next one) before it acks.
+ROUTE_MAX_ACK_PENDING = 20_000
+PROJECTOR_MAX_ACK_PENDING = 50_000
+WORK_MAX_ACK_PENDING = 100_000
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        # Exists with another config (e.g. new limits): apply ours.
+        await js.update_stream(config)
+
+
+async def _ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    try:
+        await js.add_consumer(stream, config)
+    except BadRequestError:
+        # Some fields can be updated in place (ack wait, max ack pending); others cannot, and
+        # the server then says so: surface that, an operator must delete the consumer.
+        await js.update_consumer(stream, config)
+
+
+async def ensure_streams(js: JetStreamContext, limits: Limits) -> None:
+    """The three streams and the consumers every driver shares."""
+    window = limits.duplicate_window_s
+    await _ensure_stream(js, StreamConfig(
+        name=names.TASKS_STREAM, subjects=[names.SUBMIT_ALL],
+        retention=RetentionPolicy.WORK_QUEUE, discard=DiscardPolicy.NEW,
+        max_bytes=limits.tasks_max_bytes, max_msg_size=limits.max_task_bytes * 4,
+        storage=StorageType.FILE, duplicate_window=window,
+    ))  # fmt: skip
+    await _ensure_stream(js, StreamConfig(
+        name=names.WORK_STREAM, subjects=[names.WORK_ALL],
+        retention=RetentionPolicy.WORK_QUEUE, discard=DiscardPolicy.NEW,
+        max_bytes=limits.work_max_bytes, storage=StorageType.FILE, duplicate_window=window,
+    ))  # fmt: skip
+    # Interest retention: an event stays until every consumer (projector, notifier) acked it.
+    await _ensure_stream(js, StreamConfig(
+        name=names.EVENTS_STREAM, subjects=[names.EVENT_ALL],
+        retention=RetentionPolicy.INTEREST, discard=DiscardPolicy.NEW,
+        max_bytes=limits.events_max_bytes, storage=StorageType.FILE, duplicate_window=window,
+    ))  # fmt: skip
+    await _ensure_consumer(js, names.TASKS_STREAM, ConsumerConfig(
+        durable_name=names.ROUTE_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL, ack_wait=30.0, max_deliver=-1,
+        max_ack_pending=ROUTE_MAX_ACK_PENDING, filter_subject=names.SUBMIT_ALL,
+    ))  # fmt: skip
+    await _ensure_consumer(js, names.EVENTS_STREAM, ConsumerConfig(
+        durable_name=names.PROJECTOR_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL, ack_wait=30.0, max_deliver=-1,
+        max_ack_pending=PROJECTOR_MAX_ACK_PENDING, filter_subject=names.EVENT_ALL,
+    ))  # fmt: skip
+
+
+async def ensure_work_consumer(
+    js: JetStreamContext, pool: str, task_class: TaskClass, limits: Limits
+) -> str:
+    """The executors of one pool share one durable consumer per class."""
+    durable = names.work_consumer(pool, task_class)
+    await _ensure_consumer(js, names.WORK_STREAM, ConsumerConfig(
+        durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        ack_wait=limits.work_ack_wait_s, max_deliver=-1,
+        max_ack_pending=WORK_MAX_ACK_PENDING,
+        filter_subject=names.work_subject(pool, task_class),
+    ))  # fmt: skip
+    return durable
+
+
+@dataclass(frozen=True)
+class Buckets:
+    executors: KeyValue
+    clients: KeyValue
+    cancel: KeyValue
+
+
+async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError:
+        # The bucket exists with other settings (say, a new heartbeat TTL): apply ours to
+        # its stream, keeping the rest of the stream's configuration.
+        kv = await js.key_value(config.bucket)
+        info = await js.stream_info(f"KV_{config.bucket}")
+        marker = config.limit_marker_ttl
+        await js.update_stream(info.config.evolve(
+            max_age=config.ttl, max_msgs_per_subject=config.history,
+            subject_delete_marker_ttl=marker,
+        ))  # fmt: skip
+        return kv
+
+
+async def ensure_buckets(js: JetStreamContext, limits: Limits) -> Buckets:
+    executors = await _ensure_bucket(js, KeyValueConfig(
+        bucket=names.EXECUTORS_BUCKET, history=1, ttl=limits.heartbeat_ttl_s,
+        storage=StorageType.MEMORY, limit_marker_ttl=limits.heartbeat_ttl_s,
+    ))  # fmt: skip
+    clients = await _ensure_bucket(js, KeyValueConfig(
+        bucket=names.CLIENTS_BUCKET, history=1, storage=StorageType.FILE,
+    ))  # fmt: skip
+    cancel = await _ensure_bucket(js, KeyValueConfig(
+        bucket=names.CANCEL_BUCKET, history=1, ttl=7 * 24 * 3600, storage=StorageType.FILE,
+    ))  # fmt: skip
+    return Buckets(executors=executors, clients=clients, cancel=cancel)
+
+
+async def ensure_all(js: JetStreamContext, limits: Limits) -> Buckets:
+    await ensure_streams(js, limits)
+    return await ensure_buckets(js, limits)
