@@ -145,6 +145,7 @@ class Executor:
             await self._report(event)
             await _ack(msg)
             self._metrics.finished.labels(state=event.state).inc()
+            log.info("task %s attempt %d: %s", item.task_id, slot.attempt, event.state)
         except asyncio.CancelledError:
             # Shut down mid-task: the process group is already killed; hand the task back
             # at once so another executor starts the next attempt without waiting.

@@ -148,11 +148,14 @@ class EmbeddedPostgres:
     (like pgserver) the server runs as a `pgserver` system user.
     """
 
-    def __init__(self, data_dir: Path, *, options: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, data_dir: Path, *, options: tuple[str, ...] = (), port: int | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.pgdata = data_dir / "pg"
         self.log_path = data_dir / "postgres.log"
         self.options = options
+        self._fixed_port = port
         self.port = 0
         self.url = ""
         self._user: str | None = "pgserver" if os.geteuid() == 0 else None
@@ -202,7 +205,7 @@ class EmbeddedPostgres:
                 "-U", "postgres",
             )  # fmt: skip
         self._stop_stale()
-        self.port = free_port()
+        self.port = self._fixed_port or free_port()
         server_opts = " ".join(
             ["-h 127.0.0.1", f"-p {self.port}", "-c unix_socket_directories=''", *self.options]
         )
@@ -228,6 +231,7 @@ class EmbeddedPostgres:
         else:
             pid_file.unlink(missing_ok=True)
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; mode `immediate` is a crash stop (no checkpoint, clients cut)."""
         if (self.pgdata / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
+            self._run("pg_ctl", "-D", str(self.pgdata), "-m", mode, "-w", "stop")
