@@ -213,7 +213,7 @@ FINISHED_BY_STATE: Final[dict[str, type[Finished]]] = {
     "rejected": Rejected,
 }
 
-_event_decoder = msgspec.json.Decoder(AnyEvent)
+_event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
 
 
 def decode_event(data: bytes) -> AnyEvent:
