@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any, cast
 
 import msgspec
 import nats.errors
@@ -32,7 +33,6 @@ from mesh.wire import (
     FINISHED_BY_STATE,
     AnyEvent,
     Heartbeat,
-    Lost,
     Running,
     RunningTask,
     TaskClass,
@@ -159,29 +159,34 @@ class Executor:
             self._metrics.running.set(len(self.running))
             self._slot_freed.set()
 
+    def _finished(self, slot: Slot, state: str, **fields: Any) -> AnyEvent:
+        item = slot.item
+        event = FINISHED_BY_STATE[state](
+            task_id=item.task_id, client=item.client, key=item.spec.key, attempt=slot.attempt,
+            submitted_at=item.submitted_at, executor=self.id, **fields,
+        )  # fmt: skip
+        return cast(AnyEvent, event)
+
     async def _execute(self, msg: Msg, slot: Slot) -> AnyEvent:
         item, attempt = slot.item, slot.attempt
-        base = dict(
-            task_id=item.task_id, client=item.client, key=item.spec.key, attempt=attempt,
-            submitted_at=item.submitted_at, executor=self.id,
-        )  # fmt: skip
         if attempt > item.spec.max_attempts:
             at = now()
-            return Lost(
-                **base, at=at, finished_at=at,  # type: ignore[arg-type]
+            return self._finished(
+                slot, "lost", at=at, finished_at=at,
                 reason=f"gave up after {attempt - 1} attempts: the executors running it "
                 "stopped reporting (killed, crashed or cut off)",
             )  # fmt: skip
         if await self._cancel_requested(item.task_id):
             at = now()
-            return FINISHED_BY_STATE["cancelled"](
-                **base,
-                at=at,
-                finished_at=at,
-                reason="cancelled before it started",  # type: ignore[arg-type]
+            return self._finished(
+                slot, "cancelled", at=at, finished_at=at, reason="cancelled before it started"
             )
         if item.sensitive:
-            await self._report(Running(**base, at=now(), started_at=slot.started_at))  # type: ignore[arg-type]
+            await self._report(Running(
+                task_id=item.task_id, client=item.client, key=item.spec.key, attempt=attempt,
+                submitted_at=item.submitted_at, executor=self.id, at=now(),
+                started_at=slot.started_at,
+            ))  # fmt: skip
         keepalive = asyncio.create_task(self._keepalive(msg), name=f"keepalive:{item.task_id}")
         try:
             result = await run_process(
@@ -191,8 +196,8 @@ class Executor:
             )  # fmt: skip
         finally:
             keepalive.cancel()
-        return FINISHED_BY_STATE[result.outcome](
-            **base, at=result.finished_at, exit_code=result.exit_code,  # type: ignore[arg-type]
+        return self._finished(
+            slot, result.outcome, at=result.finished_at, exit_code=result.exit_code,
             reason=result.reason, log_tail=result.log_tail, started_at=result.started_at,
             finished_at=result.finished_at,
         )  # fmt: skip

@@ -119,7 +119,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from mesh.store.migrate import migrate
 
-    applied = _run_value(migrate(_with_connection(_settings(args)).database_url))
+    applied = _run_value(migrate(_with_connection(_settings(args)).connection.database_url))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
 

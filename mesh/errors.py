@@ -20,7 +20,7 @@ class UnknownClient(TidegateError):
 
 
 class SubmitError(TidegateError):
-    """A task could not be handed to JetStream; it may or may not be stored, resubmit the same key."""
+    """No PubAck for a task: it may or may not be stored; resubmit the same key (it is safe)."""
 
 
 class StoreError(TidegateError):
@@ -37,3 +37,7 @@ class TaskNotFound(TidegateError):
 
 class EmbeddedServerError(TidegateError):
     """An embedded nats-server or PostgreSQL did not start; the message names its log file."""
+
+
+class TopologyError(TidegateError):
+    """A JetStream stream or consumer exists with settings that cannot be changed in place."""

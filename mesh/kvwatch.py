@@ -61,4 +61,4 @@ class KvMirror(Generic[T]):
                 if self._on_change:
                     self._on_change(entry.key, value)
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]

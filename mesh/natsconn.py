@@ -31,5 +31,5 @@ async def connect(url: str, name: str, **options: object) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
-        **options,  # type: ignore[arg-type]
+        **options,
     )

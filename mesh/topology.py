@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 
 from mesh import names
 from mesh.config import Limits
+from mesh.errors import TopologyError
 from mesh.wire import TaskClass
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,16 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def _ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    # Without an explicit action the server creates or updates in place (ack wait, max ack
+    # pending, ...); a change it cannot apply is refused, and an operator must decide.
     try:
         await js.add_consumer(stream, config)
-    except BadRequestError:
-        # Some fields can be updated in place (ack wait, max ack pending); others cannot, and
-        # the server then says so: surface that, an operator must delete the consumer.
-        await js.update_consumer(stream, config)
+    except BadRequestError as exc:
+        raise TopologyError(
+            f"consumer {config.durable_name!r} on {stream} exists with settings that cannot be "
+            f"changed in place ({exc.description}); delete it with "
+            f"`nats consumer rm {stream} {config.durable_name}` while no component runs"
+        ) from exc
 
 
 async def ensure_streams(js: JetStreamContext, limits: Limits) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
@@ -17,6 +17,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from mesh.embedded import EmbeddedNats, EmbeddedPostgres
+from mesh.store.migrate import migrate
+from mesh.store.rows import ClientRecord
+from tests.harness import CLIENTS, Cluster, register
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +65,23 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
 @pytest.fixture
 def nats_url(nats_server: EmbeddedNats) -> str:
     return nats_server.url
+
+
+@pytest.fixture
+async def engine_db(database_url: str, nats_url: str) -> str:
+    await migrate(database_url)
+    await register(nats_url, database_url, *(ClientRecord(name=n) for n in CLIENTS))
+    return database_url
+
+
+@pytest.fixture
+def cluster(nats_url: str, engine_db: str, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(nats_url=nats_url, database_url=engine_db, workdir=tmp_path / "run")
+    yield c
+    c.stop_all()
+
+
+@pytest.fixture
+async def db(engine_db: str) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    async with await psycopg.AsyncConnection.connect(engine_db, autocommit=True) as conn:
+        yield conn

@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh.clients import publish_client
+from mesh.config import Settings
+from mesh.natsconn import connect
+from mesh.store.rows import ClientRecord
+from mesh.store.store import Store
+from mesh.topology import ensure_all
+
 # Short timings so fault tests finish in seconds, not minutes.
 FAST_ENV = {
     "TIDEGATE_WORK_ACK_WAIT_S": "3",
@@ -142,3 +149,20 @@ async def wait_for(
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+CLIENTS = ["alpha", "beta", "gamma", "delta", "epsilon"]
+
+
+async def register(nats_url: str, database_url: str, *records: ClientRecord) -> None:
+    nc = await connect(nats_url, "test-setup")
+    try:
+        buckets = await ensure_all(nc.jetstream(), Settings.from_env(FAST_ENV).limits)
+        async with Store(database_url) as store:
+            for record in records:
+                await store.add_client(record)
+                stored = await store.get_client(record.name)
+                assert stored is not None
+                await publish_client(buckets.clients, stored)
+    finally:
+        await nc.drain()

@@ -8,8 +8,7 @@ import psycopg
 
 from mesh.client import TidegateClient
 from mesh.wire import TaskSpec
-from tests.engine_fixtures import CLIENTS, cluster, db, engine_db  # noqa: F401
-from tests.harness import Cluster, wait_for
+from tests.harness import CLIENTS, Cluster, wait_for
 
 Conn = psycopg.AsyncConnection[Any]
 

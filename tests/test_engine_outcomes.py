@@ -13,7 +13,6 @@ import psycopg
 from mesh import names
 from mesh.client import TidegateClient
 from mesh.wire import TaskSpec
-from tests.engine_fixtures import cluster, db, engine_db  # noqa: F401
 from tests.harness import Cluster, cli, wait_for
 
 Conn = psycopg.AsyncConnection[Any]
@@ -21,13 +20,15 @@ Conn = psycopg.AsyncConnection[Any]
 
 async def task_row(db: Conn, task_id: str) -> dict[str, Any] | None:
     cur = await db.execute(
-        "SELECT state, attempt, exit_code, reason, log_tail, executor FROM tasks WHERE task_id = %s",
+        "SELECT state, attempt, exit_code, reason, log_tail, executor FROM tasks"
+        " WHERE task_id = %s",
         (task_id,),
     )
     row = await cur.fetchone()
     if row is None:
         return None
-    return dict(zip(["state", "attempt", "exit_code", "reason", "log_tail", "executor"], row))
+    columns = ["state", "attempt", "exit_code", "reason", "log_tail", "executor"]
+    return dict(zip(columns, row, strict=True))
 
 
 async def final(db: Conn, task_id: str, state: str, timeout: float = 30) -> dict[str, Any]:
@@ -122,10 +123,14 @@ async def test_bad_input_is_rejected_and_routing_goes_on(cluster: Cluster, db: C
     try:
         await raw("gamma", "malformed", b'{"key": "malformed", "argv": [')
         await raw("gamma", "wrongtype", json.dumps({"key": "wrongtype", "argv": "echo"}).encode())
-        await raw("gamma", "badtimeout", json.dumps(
-            {"key": "badtimeout", "argv": ["true"], "timeout_s": "soon"}).encode())
-        await raw("gamma", "huge", json.dumps(
-            {"key": "huge", "argv": ["echo", "x" * 100_000]}).encode())
+        await raw(
+            "gamma",
+            "badtimeout",
+            json.dumps({"key": "badtimeout", "argv": ["true"], "timeout_s": "soon"}).encode(),
+        )
+        await raw(
+            "gamma", "huge", json.dumps({"key": "huge", "argv": ["echo", "x" * 100_000]}).encode()
+        )
         await raw("gamma", "emptyargv", json.dumps({"key": "emptyargv", "argv": []}).encode())
         await raw("nobody", "stranger", json.dumps({"key": "stranger", "argv": ["true"]}).encode())
         await raw("gamma", "good", good)

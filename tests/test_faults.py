@@ -17,8 +17,7 @@ from mesh.embedded import EmbeddedPostgres, free_port
 from mesh.store.migrate import migrate
 from mesh.store.rows import ClientRecord
 from mesh.wire import TaskSpec
-from tests.engine_fixtures import CLIENTS, cluster, db, engine_db, register  # noqa: F401
-from tests.harness import Cluster, wait_for
+from tests.harness import CLIENTS, Cluster, register, wait_for
 from tests.test_engine_outcomes import final, task_row
 
 Conn = psycopg.AsyncConnection[Any]
@@ -132,9 +131,7 @@ async def test_killed_driver_loses_and_duplicates_nothing(
     assert await cur.fetchone() == (total, 1)
 
 
-async def test_database_outage_does_not_stop_the_flow(
-    nats_url: str, tmp_path: Path
-) -> None:
+async def test_database_outage_does_not_stop_the_flow(nats_url: str, tmp_path: Path) -> None:
     server = EmbeddedPostgres(tmp_path / "pg", port=free_port(), options=("-c fsync=off",))
     url = server.start()
     await migrate(url)

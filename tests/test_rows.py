@@ -17,7 +17,12 @@ SPEC = wire.TaskSpec(key="k1", argv=["/bin/true"], labels={"name": "daily"})
 
 def row(state: str, attempt: int = 1, **kw: object) -> TaskRow:
     return TaskRow(
-        task_id="c1:k1", client="c1", key="k1", submitted_at=T0, state=state, attempt=attempt,
+        task_id="c1:k1",
+        client="c1",
+        key="k1",
+        submitted_at=T0,
+        state=state,
+        attempt=attempt,
         **kw,  # type: ignore[arg-type]
     )
 
@@ -32,8 +37,14 @@ def test_submitted_on_is_the_utc_day() -> None:
 
 def test_naive_or_unknown_state_is_refused() -> None:
     with pytest.raises(ValueError, match="timezone"):
-        TaskRow(task_id="a", client="c", key="a", submitted_at=datetime(2026, 1, 1),
-                state="queued", attempt=1)
+        TaskRow(
+            task_id="a",
+            client="c",
+            key="a",
+            submitted_at=datetime(2026, 1, 1),
+            state="queued",
+            attempt=1,
+        )
     with pytest.raises(ValueError, match="unknown state"):
         row("finished")
 
@@ -58,8 +69,14 @@ def test_coalesce_picks_the_highest_attempt_and_rank() -> None:
 
 def test_late_stale_terminal_does_not_beat_a_newer_attempt() -> None:
     running2 = row("running", attempt=2, executor="e2", started_at=T0 + timedelta(minutes=1))
-    failed1 = row("failed", attempt=1, executor="e1", exit_code=1, reason="boom",
-                  finished_at=T0 + timedelta(minutes=2))
+    failed1 = row(
+        "failed",
+        attempt=1,
+        executor="e1",
+        exit_code=1,
+        reason="boom",
+        finished_at=T0 + timedelta(minutes=2),
+    )
     (out,) = coalesce([running2, failed1])
     assert (out.state, out.attempt, out.executor) == ("running", 2, "e2")
     assert out.exit_code is None and out.reason is None and out.finished_at is None
@@ -76,14 +93,21 @@ def test_tie_keeps_the_first_seen() -> None:
 
 def test_one_row_per_task_and_day_in_first_seen_order() -> None:
     a = row("queued")
-    b = TaskRow(task_id="c1:k2", client="c1", key="k2", submitted_at=T0, state="queued",
-                attempt=1)
+    b = TaskRow(task_id="c1:k2", client="c1", key="k2", submitted_at=T0, state="queued", attempt=1)
     # The same id submitted again on a later day is a different row (a different partition).
-    a_next_day = TaskRow(task_id="c1:k1", client="c1", key="k1", submitted_at=T0 + timedelta(1),
-                         state="queued", attempt=1)
+    a_next_day = TaskRow(
+        task_id="c1:k1",
+        client="c1",
+        key="k1",
+        submitted_at=T0 + timedelta(1),
+        state="queued",
+        attempt=1,
+    )
     out = coalesce([b, a, row("running"), a_next_day, b])
     assert [(r.task_id, r.submitted_on.day, r.state) for r in out] == [
-        ("c1:k2", 27, "queued"), ("c1:k1", 27, "running"), ("c1:k1", 28, "queued"),
+        ("c1:k2", 27, "queued"),
+        ("c1:k1", 27, "running"),
+        ("c1:k1", 28, "queued"),
     ]
 
 
@@ -99,7 +123,11 @@ def test_executor_kept_within_an_attempt_only() -> None:
 
 def test_row_from_every_event_type() -> None:
     common: dict[str, Any] = {
-        "task_id": "c1:k1", "client": "c1", "key": "k1", "attempt": 1, "at": T0,
+        "task_id": "c1:k1",
+        "client": "c1",
+        "key": "k1",
+        "attempt": 1,
+        "at": T0,
         "submitted_at": T0,
     }
     q = row_from_event(wire.Queued(**common, spec=SPEC, pool="p", task_class="long"))
@@ -109,21 +137,45 @@ def test_row_from_every_event_type() -> None:
     r = row_from_event(wire.Running(**common, executor="e1", started_at=T0))
     assert (r.state, r.started_at) == ("running", T0)
     for state, cls in wire.FINISHED_BY_STATE.items():
-        f = row_from_event(cls(**common, exit_code=3, reason="why", log_tail="tail",
-                               started_at=T0, finished_at=T0))
+        f = row_from_event(
+            cls(**common, exit_code=3, reason="why", log_tail="tail", started_at=T0, finished_at=T0)
+        )
         assert (f.state, f.exit_code, f.reason, f.log_tail, f.finished_at) == (
-            state, 3, "why", "tail", T0)
+            state,
+            3,
+            "why",
+            "tail",
+            T0,
+        )
         assert f.spec is None
 
 
 def test_rows_from_heartbeat() -> None:
     hb = wire.Heartbeat(
-        executor="e9", host="h", pid=1, pools=["default"], slots=4, load=0.1, at=T0,
+        executor="e9",
+        host="h",
+        pid=1,
+        pools=["default"],
+        slots=4,
+        load=0.1,
+        at=T0,
         running=[
-            wire.RunningTask(task_id="c1:k1", client="c1", key="k1", attempt=2, pool="default",
-                             started_at=T0, submitted_at=T0),
+            wire.RunningTask(
+                task_id="c1:k1",
+                client="c1",
+                key="k1",
+                attempt=2,
+                pool="default",
+                started_at=T0,
+                submitted_at=T0,
+            ),
         ],
     )
     (r,) = rows_from_heartbeat(hb)
     assert (r.state, r.attempt, r.executor, r.started_at, r.pool) == (
-        "running", 2, "e9", T0, "default")
+        "running",
+        2,
+        "e9",
+        T0,
+        "default",
+    )

@@ -23,8 +23,16 @@ from mesh.store.store import ClientRecord, Store, TaskRecord
 # Days long past, so that no partition for "tomorrow" is made ahead (see test_tomorrow_ahead).
 DAY1 = datetime(2024, 11, 27, 23, 0, tzinfo=UTC)
 DAY2 = datetime(2024, 11, 28, 0, 0, 1, tzinfo=UTC)
-SPEC = wire.TaskSpec(key="k", argv=["/bin/echo", "hi"], env={"A": "1"}, cwd="/tmp",
-                     timeout_s=60, labels={"name": "daily"}, priority=5, max_attempts=2)
+SPEC = wire.TaskSpec(
+    key="k",
+    argv=["/bin/echo", "hi"],
+    env={"A": "1"},
+    cwd="/tmp",
+    timeout_s=60,
+    labels={"name": "daily"},
+    priority=5,
+    max_attempts=2,
+)
 
 
 @pytest.fixture
@@ -36,8 +44,9 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 
 def row(task_id: str, state: str, attempt: int = 1, at: datetime = DAY1, **kw: object) -> TaskRow:
     client, key = task_id.split(":", 1)
-    return TaskRow(task_id=task_id, client=client, key=key, submitted_at=at, state=state,
-                   attempt=attempt, **kw)  # type: ignore[arg-type]
+    return TaskRow(
+        task_id=task_id, client=client, key=key, submitted_at=at, state=state, attempt=attempt, **kw
+    )  # type: ignore[arg-type]
 
 
 def history(task_id: str) -> list[TaskRow]:
@@ -50,8 +59,17 @@ def history(task_id: str) -> list[TaskRow]:
         row(task_id, "lost", reason="executor e1 vanished"),
         row(task_id, "dispatched", attempt=2, executor="e2"),
         row(task_id, "running", attempt=2, executor="e2", started_at=s2),
-        row(task_id, "succeeded", attempt=2, executor="e2", exit_code=0, reason="",
-            log_tail="hi\n", started_at=s2, finished_at=s2 + timedelta(seconds=2.5)),
+        row(
+            task_id,
+            "succeeded",
+            attempt=2,
+            executor="e2",
+            exit_code=0,
+            reason="",
+            log_tail="hi\n",
+            started_at=s2,
+            finished_at=s2 + timedelta(seconds=2.5),
+        ),
     ]
 
 
@@ -143,14 +161,27 @@ async def test_stale_attempt_terminal_does_not_overwrite(store: Store) -> None:
     t2 = DAY1 + timedelta(minutes=5)
     await store.upsert_task_one(row("c:t", "running", attempt=2, executor="e2", started_at=t2))
     written = await store.upsert_task_one(
-        row("c:t", "failed", attempt=1, executor="e1", exit_code=9, reason="late",
-            started_at=DAY1, finished_at=DAY1 + timedelta(minutes=1))
+        row(
+            "c:t",
+            "failed",
+            attempt=1,
+            executor="e1",
+            exit_code=9,
+            reason="late",
+            started_at=DAY1,
+            finished_at=DAY1 + timedelta(minutes=1),
+        )
     )
     assert written == 0  # nothing moved forward: no write at all
     rec = await store.get_task("c:t")
     assert rec is not None
     assert (rec.state, rec.attempt, rec.executor, rec.exit_code, rec.reason) == (
-        "running", 2, "e2", None, None)
+        "running",
+        2,
+        "e2",
+        None,
+        None,
+    )
     assert rec.started_at == t2 and rec.finished_at is None
 
 
@@ -158,21 +189,35 @@ async def test_spec_arriving_after_running_fills_in(store: Store) -> None:
     await store.upsert_tasks([row("c:s", "running", executor="e1", started_at=DAY1)])
     rec = await store.get_task("c:s")
     assert rec is not None and rec.argv is None and rec.max_attempts is None
-    assert await store.upsert_tasks(
-        [row("c:s", "queued", spec=SPEC, pool="default", task_class="short")]) == 1
+    assert (
+        await store.upsert_tasks(
+            [row("c:s", "queued", spec=SPEC, pool="default", task_class="short")]
+        )
+        == 1
+    )
     rec = await store.get_task("c:s")
     assert rec is not None
     assert (rec.state, rec.pool, rec.task_class) == ("running", "default", "short")
     assert (rec.argv, rec.env, rec.cwd, rec.labels) == (SPEC.argv, SPEC.env, "/tmp", SPEC.labels)
     assert (rec.timeout_s, rec.priority, rec.max_attempts) == (60.0, 5, 2)
-    assert await store.upsert_tasks(
-        [row("c:s", "queued", spec=SPEC, pool="default", task_class="short")]) == 0
+    assert (
+        await store.upsert_tasks(
+            [row("c:s", "queued", spec=SPEC, pool="default", task_class="short")]
+        )
+        == 0
+    )
 
 
 async def test_big_batch_across_two_days(store: Store, database_url: str) -> None:
     rows = [
-        row(f"c{i % 7}:k{i}", "queued", at=DAY1 if i % 2 else DAY2, spec=SPEC, pool="default",
-            task_class="short")
+        row(
+            f"c{i % 7}:k{i}",
+            "queued",
+            at=DAY1 if i % 2 else DAY2,
+            spec=SPEC,
+            pool="default",
+            task_class="short",
+        )
         for i in range(10_000)
     ]
     assert await store.upsert_tasks(rows) == 10_000
@@ -182,8 +227,9 @@ async def test_big_batch_across_two_days(store: Store, database_url: str) -> Non
     assert set(counts) == set(wire.STATE_RANK)
     # Replaying the same batch changes nothing and writes nothing.
     assert await store.upsert_tasks(rows) == 0
-    running = [dataclasses.replace(r, state="running", executor="e", started_at=DAY2)
-               for r in rows[:3000]]
+    running = [
+        dataclasses.replace(r, state="running", executor="e", started_at=DAY2) for r in rows[:3000]
+    ]
     assert await store.upsert_tasks(running) == 3000
     assert (await store.count_tasks_by_state())["running"] == 3000
     day2 = await store.count_tasks_by_state(since=DAY2.date())
@@ -215,6 +261,7 @@ async def test_concurrent_ensure_partition(store: Store, database_url: str) -> N
     day = date(2023, 1, 1)
     conns = [await psycopg.AsyncConnection.connect(database_url) for _ in range(8)]
     try:
+
         async def ensure(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
             async with conn.transaction():
                 await conn.execute("SELECT tg_ensure_partition(%s)", (day,))
@@ -229,10 +276,12 @@ async def test_concurrent_ensure_partition(store: Store, database_url: str) -> N
         await s.open()
     try:
         await asyncio.gather(*(s.ensure_partitions([date(2023, 1, 2), day]) for s in stores))
-        await asyncio.gather(*(
-            s.upsert_tasks([row(f"c:p{i}", "queued", at=datetime(2023, 1, 3, tzinfo=UTC))])
-            for i, s in enumerate(stores)
-        ))
+        await asyncio.gather(
+            *(
+                s.upsert_tasks([row(f"c:p{i}", "queued", at=datetime(2023, 1, 3, tzinfo=UTC))])
+                for i, s in enumerate(stores)
+            )
+        )
     finally:
         for s in stores:
             await s.close()
@@ -243,8 +292,7 @@ async def test_tomorrow_is_made_ahead(store: Store, database_url: str) -> None:
     now = datetime.now(UTC)
     await store.upsert_tasks([row("c:now", "queued", at=now)])
     tomorrow = now.date() + timedelta(days=1)
-    assert await partitions(database_url) == [
-        f"tasks_{now:%Y%m%d}", f"tasks_{tomorrow:%Y%m%d}"]
+    assert await partitions(database_url) == [f"tasks_{now:%Y%m%d}", f"tasks_{tomorrow:%Y%m%d}"]
 
 
 async def test_upsert_raises_database_errors(database_url: str) -> None:
@@ -264,10 +312,30 @@ async def test_task_record_shape(store: Store) -> None:
     assert rec is not None
     shape = msgspec.json.decode(msgspec.json.encode(rec))
     assert list(shape) == [
-        "task_id", "client", "key", "state", "attempt", "pool", "task_class", "executor",
-        "exit_code", "reason", "log_tail", "submitted_at", "started_at", "finished_at",
-        "duration_s", "updated_at", "argv", "shell", "env", "cwd", "timeout_s", "labels",
-        "priority", "max_attempts",
+        "task_id",
+        "client",
+        "key",
+        "state",
+        "attempt",
+        "pool",
+        "task_class",
+        "executor",
+        "exit_code",
+        "reason",
+        "log_tail",
+        "submitted_at",
+        "started_at",
+        "finished_at",
+        "duration_s",
+        "updated_at",
+        "argv",
+        "shell",
+        "env",
+        "cwd",
+        "timeout_s",
+        "labels",
+        "priority",
+        "max_attempts",
     ]
     assert shape["task_id"] == "c1:a" and shape["key"] == "a" and shape["client"] == "c1"
     assert shape["duration_s"] == 2.5 and shape["exit_code"] == 0 and shape["shell"] is None
@@ -293,8 +361,10 @@ async def test_times_read_back_in_utc(store: Store, database_url: str) -> None:
 
 
 async def test_list_tasks(store: Store) -> None:
-    rows = [row(f"c{i % 2}:k{i}", "failed" if i % 3 == 0 else "queued",
-                at=DAY1 + timedelta(seconds=i)) for i in range(12)]
+    rows = [
+        row(f"c{i % 2}:k{i}", "failed" if i % 3 == 0 else "queued", at=DAY1 + timedelta(seconds=i))
+        for i in range(12)
+    ]
     await store.upsert_tasks(rows)
     everything = await store.list_tasks()
     assert [r.key for r in everything] == [f"k{i}" for i in reversed(range(12))]
@@ -312,8 +382,9 @@ async def test_list_tasks(store: Store) -> None:
 
 
 async def test_clients(store: Store) -> None:
-    added = await store.add_client(ClientRecord(name="wf", sensitive=True,
-                                                callback_url="https://wf.example/cb"))
+    added = await store.add_client(
+        ClientRecord(name="wf", sensitive=True, callback_url="https://wf.example/cb")
+    )
     assert added.sensitive and added.created_at is not None and added.default_pool == "default"
     await store.add_client(ClientRecord(name="etl", callback_nats=True, max_running=10))
     with pytest.raises(StoreError, match="already exists"):

@@ -90,9 +90,7 @@ def row_from_event(event: AnyEvent | Finished) -> TaskRow:
     )
     match event:
         case Queued():
-            return TaskRow(
-                **base, spec=event.spec, pool=event.pool, task_class=event.task_class
-            )
+            return TaskRow(**base, spec=event.spec, pool=event.pool, task_class=event.task_class)
         case Dispatched():
             return TaskRow(**base, executor=event.executor)
         case Running():
