@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import nats
 from nats.aio.client import Client as NATS
 
 log = logging.getLogger(__name__)
@@ -16,13 +15,16 @@ async def connect(url: str, name: str, **options: object) -> NATS:
     async def on_error(exc: Exception) -> None:
         log.warning("nats (%s): %s", name, exc)
 
+    nc = NATS()
+
     async def on_disconnect() -> None:
-        log.warning("nats (%s): disconnected from %s; reconnecting", name, url)
+        if not (nc.is_closed or nc.is_draining):  # our own close is not news
+            log.warning("nats (%s): disconnected from %s; reconnecting", name, url)
 
     async def on_reconnect() -> None:
         log.info("nats (%s): reconnected", name)
 
-    return await nats.connect(
+    await nc.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
@@ -33,3 +35,4 @@ async def connect(url: str, name: str, **options: object) -> NATS:
         reconnected_cb=on_reconnect,
         **options,
     )
+    return nc
