@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
 log = logging.getLogger(__name__)
 
 
-async def connect(url: str, name: str, **options: object) -> NATS:
+async def connect(url: str, name: str, **options: Any) -> NATS:
     """A connection that never gives up reconnecting (nats-py's default stops after ~2 min)."""
 
     async def on_error(exc: Exception) -> None:
@@ -28,7 +29,7 @@ async def connect(url: str, name: str, **options: object) -> NATS:
         url,
         name=name,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=1,
         allow_reconnect=True,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
