@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,8 @@ from mesh import names
 from mesh.config import ExecutorSettings, Limits
 from mesh.metrics import ExecutorMetrics
 from mesh.publish import Outgoing, Publisher
+from mesh.pull import pull
+from mesh.store.rows import ClientRecord
 from mesh.topology import Buckets, ensure_work_consumer
 from mesh.wire import (
     FINISHED_BY_STATE,
@@ -66,6 +69,7 @@ class Executor:
         self, js: JetStreamContext, publisher: Publisher, buckets: Buckets,
         settings: ExecutorSettings, limits: Limits, metrics: ExecutorMetrics,
         *, log_dir: Path | None = None,
+        clients: Callable[[str], ClientRecord | None] = lambda _name: None,
     ) -> None:  # fmt: skip
         self._js = js
         self._publisher = publisher
@@ -74,6 +78,7 @@ class Executor:
         self._limits = limits
         self._metrics = metrics
         self._log_dir = log_dir
+        self._clients = clients
         self.id = settings.executor_id or default_executor_id()
         self.running: dict[str, Slot] = {}
         self._reserved = 0  # slots promised to an in-flight fetch
@@ -107,7 +112,7 @@ class Executor:
                     continue
                 self._reserved += want
                 try:
-                    msgs = await sub.fetch(want, timeout=1.0)
+                    msgs = await pull(sub, want, wait=1.0)
                 except (nats.errors.TimeoutError, TimeoutError):
                     msgs = []
                 finally:
@@ -159,11 +164,17 @@ class Executor:
             self._metrics.running.set(len(self.running))
             self._slot_freed.set()
 
+    def _sensitive(self, item: WorkItem) -> bool:
+        """The client's mode now (the registry), not when the task was dispatched."""
+        record = self._clients(item.client)
+        return item.sensitive if record is None else record.sensitive
+
     def _finished(self, slot: Slot, state: str, **fields: Any) -> AnyEvent:
         item = slot.item
         event = FINISHED_BY_STATE[state](
             task_id=item.task_id, client=item.client, key=item.spec.key, attempt=slot.attempt,
-            submitted_at=item.submitted_at, executor=self.id, **fields,
+            submitted_at=item.submitted_at, executor=self.id,
+            sensitive=self._sensitive(item), **fields,
         )  # fmt: skip
         return cast(AnyEvent, event)
 
@@ -181,11 +192,13 @@ class Executor:
             return self._finished(
                 slot, "cancelled", at=at, finished_at=at, reason="cancelled before it started"
             )
-        if item.sensitive:
+        if self._sensitive(item):
+            # A sensitive client hears of every transition; others see `running` through
+            # the heartbeats, which cost no event per task.
             await self._report(Running(
                 task_id=item.task_id, client=item.client, key=item.spec.key, attempt=attempt,
                 submitted_at=item.submitted_at, executor=self.id, at=now(),
-                started_at=slot.started_at,
+                started_at=slot.started_at, sensitive=True,
             ))  # fmt: skip
         keepalive = asyncio.create_task(self._keepalive(msg), name=f"keepalive:{item.task_id}")
         try:

@@ -7,10 +7,13 @@ import logging
 import signal
 
 from executor.agent import Executor
+from mesh.clients import decode_client
 from mesh.config import Settings
+from mesh.kvwatch import KvMirror
 from mesh.metrics import ExecutorMetrics, serve
 from mesh.natsconn import connect
 from mesh.publish import Publisher
+from mesh.store.rows import ClientRecord
 from mesh.supervise import Supervisor
 from mesh.topology import ensure_all
 
@@ -26,9 +29,10 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
     if ex.metrics_port is not None:
         serve(metrics.registry, ex.metrics_port)
     publisher = Publisher(nc)
+    clients: KvMirror[ClientRecord] = KvMirror(buckets.clients, decode_client, name="clients")
     agent = Executor(
         js, publisher, buckets, ex, settings.limits, metrics,
-        log_dir=conn.data_dir / "task-logs",
+        log_dir=conn.data_dir / "task-logs", clients=clients.get,
     )  # fmt: skip
 
     async def watch_cancels() -> None:
@@ -38,6 +42,7 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
                 agent.on_cancel(entry.key, entry.value)
 
     sup = Supervisor(f"executor {agent.id}")
+    sup.start("clients", clients.run)
     sup.start("heartbeat", agent.heartbeat_loop)
     sup.start("cancels", watch_cancels)
     sup.start("fetch-short", lambda: agent.fetch_loop("short"))

@@ -55,6 +55,9 @@ class DriverSettings:
     per_event_connections: int = 8  # baseline mode: concurrent one-row transactions
     metrics_port: int | None = None  # None: no /metrics server; 0: any free port
     retention_days: int = 30
+    dispatch_quantum: int = 500  # most tasks of one client moved per round
+    dispatch_backlog_per_slot: int = 4  # a pool's work queue holds this many tasks per slot
+    dispatch_min_backlog: int = 64  # ... and at least this many (pools with no live executor)
 
 
 @dataclass(frozen=True, kw_only=True)

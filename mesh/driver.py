@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from mesh.clients import decode_client, sync_clients
 from mesh.config import Settings
+from mesh.dispatch import Dispatcher
 from mesh.kvwatch import KvMirror
+from mesh.lease import Leases
 from mesh.metrics import DriverMetrics, serve
 from mesh.natsconn import connect
 from mesh.projector import Projector
@@ -60,6 +64,11 @@ class Driver:
             on_change=self._on_heartbeat,
         )  # fmt: skip
         router = Router(js, self.publisher, self.clients.get, s.driver, s.limits, self.metrics)
+        self.leases = Leases(self.buckets.leases, f"driver-{socket.gethostname()}-{os.getpid()}")
+        dispatcher = Dispatcher(
+            js, self.publisher, self.leases, self.buckets.dispatch, self.clients.get,
+            lambda: list(self.executors.values.values()), s.driver, self.metrics,
+        )  # fmt: skip
         sup = self.supervisor
         # The database may be down at start: routing must not wait for it, only projection.
         sup.start("database-setup", self._database_setup)
@@ -67,6 +76,7 @@ class Driver:
         sup.start("executors", self.executors.run)
         await self.clients.ready.wait()  # never reject a known client as unknown at start
         sup.start("route", router.run)
+        sup.start("dispatch", dispatcher.run)
         sup.start("project", self.projector.run)
         sup.start("gauges", self._gauges)
         self.scheduler = AsyncIOScheduler(timezone=UTC)

@@ -26,6 +26,10 @@ class DriverMetrics:
             "tidegate_tasks_rejected", "Submissions rejected, by kind of reason", ["reason"],
             registry=r,
         )  # fmt: skip
+        self.dispatched = Counter(
+            "tidegate_tasks_dispatched", "Tasks moved to their pool's work queue", ["pool"],
+            registry=r,
+        )  # fmt: skip
         self.handoff_failures = Counter(
             "tidegate_route_handoff_failures", "Submissions whose hand-off to the work stream "
             "failed and will be retried", registry=r,

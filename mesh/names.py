@@ -12,21 +12,27 @@ from mesh.wire import TaskClass
 
 # Streams ------------------------------------------------------------------------------------
 TASKS_STREAM: Final = "TG_TASKS"  # submissions, a work queue drained by the drivers' route step
-WORK_STREAM: Final = "TG_WORK"  # routed tasks, a work queue per pool and class
+READY_STREAM: Final = "TG_READY"  # validated tasks waiting for their client's turn, cap and rate
+WORK_STREAM: Final = "TG_WORK"  # dispatched tasks, a work queue per pool and class
 EVENTS_STREAM: Final = "TG_EVENTS"  # state events, kept until projector and notifier acked them
 
 SUBMIT_ALL: Final = "tg.submit.>"
+READY_ALL: Final = "tg.ready.>"
 WORK_ALL: Final = "tg.work.>"
 EVENT_ALL: Final = "tg.event.>"
 
 # Durable consumers --------------------------------------------------------------------------
 ROUTE_CONSUMER: Final = "route"
 PROJECTOR_CONSUMER: Final = "projector"
+NOTIFY_CONSUMER: Final = "notify"
 
 # KV buckets ---------------------------------------------------------------------------------
 EXECUTORS_BUCKET: Final = "tg_executors"  # heartbeats; a key that ages out is a dead executor
 CLIENTS_BUCKET: Final = "tg_clients"  # mirror of the clients table
 CANCEL_BUCKET: Final = "tg_cancel"  # cancel requests, keyed by encoded task id
+LEASES_BUCKET: Final = "tg_leases"  # short leases: one notifier, one dispatcher per client
+DISPATCH_BUCKET: Final = "tg_dispatch"  # per-client rate-limit state shared by all drivers
+NOTIFIER_LEASE: Final = "notifier"
 
 TASK_CLASSES: Final[tuple[TaskClass, ...]] = ("short", "long")
 
@@ -39,8 +45,38 @@ def client_of_submit_subject(subject: str) -> str:
     return subject.removeprefix("tg.submit.")
 
 
-def work_subject(pool: str, task_class: TaskClass) -> str:
-    return f"tg.work.{pool}.{task_class}"
+def ready_subject(client: str, pool: str) -> str:
+    return f"tg.ready.{client}.{pool}"
+
+
+def parse_ready_subject(subject: str) -> tuple[str, str]:
+    """(client, pool) of a `tg.ready.<client>.<pool>` subject."""
+    _, _, client, pool = subject.split(".", 3)
+    return client, pool
+
+
+def ready_consumer(client: str, pool: str) -> str:
+    return f"ready_{client}_{pool}"
+
+
+def work_subject(pool: str, task_class: TaskClass, client: str) -> str:
+    # The client token lets any driver count a client's tasks in flight from the stream's
+    # per-subject totals: the cap on running tasks needs no shared counter.
+    return f"tg.work.{pool}.{task_class}.{client}"
+
+
+def work_filter(pool: str, task_class: TaskClass) -> str:
+    return f"tg.work.{pool}.{task_class}.*"
+
+
+def parse_work_subject(subject: str) -> tuple[str, str, str]:
+    """(pool, class, client) of a `tg.work.<pool>.<class>.<client>` subject."""
+    _, _, pool, task_class, client = subject.split(".", 4)
+    return pool, task_class, client
+
+
+def dispatch_lease(client: str) -> str:
+    return f"dispatch.{client}"
 
 
 def work_consumer(pool: str, task_class: TaskClass) -> str:

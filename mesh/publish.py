@@ -94,6 +94,8 @@ class Publisher:
         token = str(next(self._ids))
         fut: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         self._pending[token] = fut
+        # A future given up on (timed out, cancelled) must not wait in the map forever.
+        fut.add_done_callback(lambda _f: self._pending.pop(token, None))
         # A fresh headers dict per publish: nats-py writes into the one it is given.
         await self._nc.publish(
             out.subject, out.payload, reply=f"{self._prefix}.{token}",
@@ -122,17 +124,51 @@ class Publisher:
     async def publish_many(
         self, batch: Sequence[Outgoing], *, max_in_flight: int = 4000
     ) -> list[PubAck | Exception]:
-        """Publish all, pipelined; one result per message, in order (errors as values)."""
-        gate = asyncio.Semaphore(max_in_flight)
+        """Publish all, pipelined; one result per message, in order (errors as values).
 
-        async def one(out: Outgoing) -> PubAck | Exception:
-            async with gate:
+        Sends a window of messages, then waits once for the window's PubAcks (one timer, not
+        one per message); what timed out is resent with the same ids.
+        """
+        results: list[PubAck | Exception | None] = [None] * len(batch)
+        for start in range(0, len(batch), max_in_flight):
+            window = range(start, min(start + max_in_flight, len(batch)))
+            await self._publish_window(batch, window, results)
+        return [r if r is not None else SubmitError("not published") for r in results]
+
+    async def _publish_window(
+        self, batch: Sequence[Outgoing], window: range,
+        results: list[PubAck | Exception | None],
+    ) -> None:  # fmt: skip
+        todo = list(window)
+        last: dict[int, Exception] = {}
+        for attempt in range(self._retries + 1):
+            futures: dict[int, asyncio.Future[PubAck]] = {}
+            for i in todo:
                 try:
-                    return await self.publish(out)
-                except SubmitError as exc:
-                    return exc
-
-        return list(await asyncio.gather(*(one(o) for o in batch)))
+                    futures[i] = await self._send_once(batch[i])
+                except nats.errors.Error as exc:  # disconnected, reconnect buffer full
+                    last[i] = exc
+            if futures:
+                await asyncio.wait(futures.values(), timeout=self._timeout)
+            retry = [i for i in todo if i not in futures]
+            for i, fut in futures.items():
+                if not fut.done():
+                    fut.cancel()  # unknown outcome: resend with the same id
+                    last[i] = TimeoutError(f"no PubAck within {self._timeout}s")
+                    retry.append(i)
+                elif fut.exception() is not None:
+                    results[i] = fut.exception()  # type: ignore[assignment]
+                else:
+                    results[i] = fut.result()
+            if not retry:
+                return
+            todo = sorted(retry)
+            await asyncio.sleep(min(0.2 * 2**attempt, self._timeout))
+        for i in todo:
+            results[i] = SubmitError(
+                f"no PubAck for {batch[i].msg_id} after {self._retries + 1} tries "
+                f"({last.get(i)}); it may be stored: resubmit the same key"
+            )
 
     async def close(self) -> None:
         if self._sub is not None:

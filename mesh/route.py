@@ -1,10 +1,11 @@
-"""The route step: validate submissions, choose pool and class, hand them to the executors.
+"""The route step: validate submissions, choose pool and class, queue them for dispatch.
 
 Drivers share one durable pull consumer on the submission stream. For each batch a driver
-publishes every routed task to the work stream and a `queued` (or `rejected`) event to the
-events stream, and acks a submission only after both PubAcks are in. A driver killed halfway
-leaves its submissions unacked; another driver routes them again, and the dedup ids
-(task id, event id) make the second publish a no-op.
+publishes every valid task to its client's ready queue (where the dispatcher applies caps,
+rates and fairness) and a `queued` (or `rejected`) event to the events stream, and acks a
+submission only after both PubAcks are in. A driver killed halfway leaves its submissions
+unacked; another driver routes them again, and the dedup ids (task id, event id) make the
+second publish a no-op.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mesh.config import DriverSettings, Limits
 from mesh.errors import InvalidTask
 from mesh.metrics import DriverMetrics
 from mesh.publish import MSG_ID_HEADER, Outgoing, PubAck, Publisher
+from mesh.pull import pull
 from mesh.store.rows import ClientRecord
 from mesh.wire import (
     AnyEvent,
@@ -70,14 +72,15 @@ def decide(
     key = key or f"_unkeyed-{stream_seq}"
 
     def reject(reason: str) -> Decision:
+        sensitive = bool(record and record.sensitive)
         return Decision(event=Rejected(
             task_id=task_id(client, key), client=client, key=key, attempt=0, at=at,
-            submitted_at=at, reason=reason, finished_at=at,
+            submitted_at=at, reason=reason, finished_at=at, sensitive=sensitive,
         ))  # fmt: skip
 
+    record = lookup(client)
     if len(data) > limits.max_task_bytes:
         return reject(f"task is {len(data)} bytes; the limit is {limits.max_task_bytes}")
-    record = lookup(client)
     if record is None:
         return reject(f"unknown client {client!r}: register it with `tidegate client add`")
     try:
@@ -98,7 +101,7 @@ def decide(
     )  # fmt: skip
     queued = Queued(
         task_id=tid, client=client, key=spec.key, attempt=0, at=at, submitted_at=at,
-        spec=spec, pool=pool, task_class=cls,
+        spec=spec, pool=pool, task_class=cls, sensitive=record.sensitive,
     )  # fmt: skip
     return Decision(event=queued, work=work)
 
@@ -120,7 +123,7 @@ class Router:
         try:
             while True:
                 try:
-                    msgs = await sub.fetch(self._settings.route_batch, timeout=1.0)
+                    msgs = await pull(sub, self._settings.route_batch, wait=1.0)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 await self.route_batch(msgs)
@@ -172,11 +175,11 @@ def _outgoing(d: Decision) -> list[Outgoing]:
     )  # fmt: skip
     if d.work is None:
         return [event_out]
-    work_out = Outgoing(
-        subject=names.work_subject(d.work.pool, d.work.task_class), payload=encode(d.work),
+    ready_out = Outgoing(
+        subject=names.ready_subject(d.work.client, d.work.pool), payload=encode(d.work),
         msg_id=d.work.task_id,
     )  # fmt: skip
-    return [work_out, event_out]
+    return [ready_out, event_out]
 
 
 def _reason_kind(event: AnyEvent) -> str:

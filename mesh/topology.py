@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 ROUTE_MAX_ACK_PENDING = 20_000
 PROJECTOR_MAX_ACK_PENDING = 50_000
 WORK_MAX_ACK_PENDING = 100_000
+LEASE_TTL_S = 5.0  # a lease its holder stopped renewing (it died) frees itself this fast
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -68,6 +69,11 @@ async def ensure_streams(js: JetStreamContext, limits: Limits) -> None:
         storage=StorageType.FILE, duplicate_window=window,
     ))  # fmt: skip
     await _ensure_stream(js, StreamConfig(
+        name=names.READY_STREAM, subjects=[names.READY_ALL],
+        retention=RetentionPolicy.WORK_QUEUE, discard=DiscardPolicy.NEW,
+        max_bytes=limits.tasks_max_bytes, storage=StorageType.FILE, duplicate_window=window,
+    ))  # fmt: skip
+    await _ensure_stream(js, StreamConfig(
         name=names.WORK_STREAM, subjects=[names.WORK_ALL],
         retention=RetentionPolicy.WORK_QUEUE, discard=DiscardPolicy.NEW,
         max_bytes=limits.work_max_bytes, storage=StorageType.FILE, duplicate_window=window,
@@ -88,6 +94,13 @@ async def ensure_streams(js: JetStreamContext, limits: Limits) -> None:
         deliver_policy=DeliverPolicy.ALL, ack_wait=30.0, max_deliver=-1,
         max_ack_pending=PROJECTOR_MAX_ACK_PENDING, filter_subject=names.EVENT_ALL,
     ))  # fmt: skip
+    # Created with the stream, before any event: interest retention keeps events only for
+    # consumers that exist, and no callback may be lost while no notifier runs yet.
+    await _ensure_consumer(js, names.EVENTS_STREAM, ConsumerConfig(
+        durable_name=names.NOTIFY_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL, ack_wait=60.0, max_deliver=-1,
+        max_ack_pending=PROJECTOR_MAX_ACK_PENDING, filter_subject=names.EVENT_ALL,
+    ))  # fmt: skip
 
 
 async def ensure_work_consumer(
@@ -99,7 +112,18 @@ async def ensure_work_consumer(
         durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
         ack_wait=limits.work_ack_wait_s, max_deliver=-1,
         max_ack_pending=WORK_MAX_ACK_PENDING,
-        filter_subject=names.work_subject(pool, task_class),
+        filter_subject=names.work_filter(pool, task_class),
+    ))  # fmt: skip
+    return durable
+
+
+async def ensure_ready_consumer(js: JetStreamContext, client: str, pool: str) -> str:
+    """One consumer per client and pool: the dispatcher picks whose tasks go next."""
+    durable = names.ready_consumer(client, pool)
+    await _ensure_consumer(js, names.READY_STREAM, ConsumerConfig(
+        durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30.0, max_deliver=-1, max_ack_pending=ROUTE_MAX_ACK_PENDING,
+        filter_subject=names.ready_subject(client, pool),
     ))  # fmt: skip
     return durable
 
@@ -109,6 +133,8 @@ class Buckets:
     executors: KeyValue
     clients: KeyValue
     cancel: KeyValue
+    leases: KeyValue
+    dispatch: KeyValue
 
 
 async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
@@ -138,7 +164,16 @@ async def ensure_buckets(js: JetStreamContext, limits: Limits) -> Buckets:
     cancel = await _ensure_bucket(js, KeyValueConfig(
         bucket=names.CANCEL_BUCKET, history=1, ttl=7 * 24 * 3600, storage=StorageType.FILE,
     ))  # fmt: skip
-    return Buckets(executors=executors, clients=clients, cancel=cancel)
+    leases = await _ensure_bucket(js, KeyValueConfig(
+        bucket=names.LEASES_BUCKET, history=1, ttl=LEASE_TTL_S, storage=StorageType.MEMORY,
+        limit_marker_ttl=LEASE_TTL_S,
+    ))  # fmt: skip
+    dispatch = await _ensure_bucket(js, KeyValueConfig(
+        bucket=names.DISPATCH_BUCKET, history=1, storage=StorageType.MEMORY,
+    ))  # fmt: skip
+    return Buckets(
+        executors=executors, clients=clients, cancel=cancel, leases=leases, dispatch=dispatch
+    )
 
 
 async def ensure_all(js: JetStreamContext, limits: Limits) -> Buckets:

@@ -136,6 +136,9 @@ class Event(Struct, frozen=True, kw_only=True, tag_field="state"):
     attempt: int
     at: datetime
     submitted_at: datetime
+    # Stamped by whoever publishes the event, from the client registry at that moment, so
+    # that every consumer (projector, notifier) treats this event the same way.
+    sensitive: bool = False
 
     @property
     def state(self) -> str:
@@ -158,7 +161,10 @@ class Queued(Event, frozen=True, kw_only=True, tag="queued"):
 
 
 class Dispatched(Event, frozen=True, kw_only=True, tag="dispatched"):
-    executor: str
+    """Handed to its pool's work queue (the client's turn, cap and rate allowed it)."""
+
+    pool: str
+    executor: str | None = None
 
 
 class Running(Event, frozen=True, kw_only=True, tag="running"):

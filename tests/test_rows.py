@@ -132,7 +132,7 @@ def test_row_from_every_event_type() -> None:
     }
     q = row_from_event(wire.Queued(**common, spec=SPEC, pool="p", task_class="long"))
     assert (q.state, q.spec, q.pool, q.task_class) == ("queued", SPEC, "p", "long")
-    d = row_from_event(wire.Dispatched(**common, executor="e1"))
+    d = row_from_event(wire.Dispatched(**common, pool="p", executor="e1"))
     assert (d.state, d.executor) == ("dispatched", "e1")
     r = row_from_event(wire.Running(**common, executor="e1", started_at=T0))
     assert (r.state, r.started_at) == ("running", T0)

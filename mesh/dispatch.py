@@ -1,0 +1,238 @@
+"""The dispatcher: moves ready tasks into their pool's work queue, fairly and within limits.
+
+Validated tasks wait in a ready queue per client and pool. In rounds, every driver looks at
+the per-subject totals of the ready and work streams (one request each) and gives each
+waiting client a share of its pool's room, within the client's cap on running tasks and its
+rate. The backlog therefore waits in JetStream, per client: a client with 20,000 tasks queued
+cannot push another client's tasks behind its own, and a paused client just keeps its tasks.
+
+Caps and rates hold across all drivers: a client's tasks in flight are counted from the work
+stream itself, and a short lease makes one driver at a time dispatch a limited client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from mesh import names
+from mesh.config import DriverSettings
+from mesh.lease import Leases
+from mesh.metrics import DriverMetrics
+from mesh.publish import Outgoing, PubAck, Publisher
+from mesh.pull import pull
+from mesh.store.rows import ClientRecord
+from mesh.topology import ensure_ready_consumer
+from mesh.wire import Dispatched, Heartbeat, WorkItem, encode, now
+
+log = logging.getLogger(__name__)
+
+_IDLE_S = 0.05  # pause between rounds that moved nothing
+
+
+class RateState(msgspec.Struct, frozen=True):
+    """A client's token bucket, shared by all drivers through the dispatch KV bucket."""
+
+    tokens: float
+    at: float
+
+
+def refill(state: RateState | None, rate: float, at: float) -> float:
+    """Tokens available at `at` (burst: one second's worth, at least one task)."""
+    burst = max(rate, 1.0)
+    if state is None:
+        return burst
+    return min(burst, state.tokens + rate * max(0.0, at - state.at))
+
+
+def room_per_pool(slots: dict[str, int], work_by_pool: dict[str, int], per_slot: int,
+                  minimum: int) -> dict[str, int]:  # fmt: skip
+    """How many more tasks each pool's work queue may take (queued + running there)."""
+    pools = set(slots) | set(work_by_pool)
+    return {
+        p: max(slots.get(p, 0) * per_slot, minimum) - work_by_pool.get(p, 0) for p in pools
+    }  # fmt: skip
+
+
+class Dispatcher:
+    def __init__(
+        self, js: JetStreamContext, publisher: Publisher, leases: Leases, rates: KeyValue,
+        clients: Callable[[str], ClientRecord | None],
+        heartbeats: Callable[[], list[Heartbeat]],
+        settings: DriverSettings, metrics: DriverMetrics,
+    ) -> None:  # fmt: skip
+        self._js = js
+        self._publisher = publisher
+        self._leases = leases
+        self._rates = rates
+        self._clients = clients
+        self._heartbeats = heartbeats
+        self._settings = settings
+        self._metrics = metrics
+        self._subs: dict[str, JetStreamContext.PullSubscription] = {}
+        self._round = 0
+
+    async def run(self) -> None:
+        try:
+            while True:
+                moved = await self.round()
+                if not moved:
+                    await asyncio.sleep(_IDLE_S)
+        finally:
+            for sub in self._subs.values():
+                await sub.unsubscribe()
+            self._subs.clear()
+
+    async def _subject_counts(self, stream: str, subjects: str) -> dict[str, int]:
+        info = await self._js.stream_info(stream, subjects_filter=subjects)
+        return dict(info.state.subjects or {})
+
+    async def round(self) -> int:
+        """One pass over every waiting (client, pool); returns the tasks moved."""
+        ready = {s: n for s, n in (await self._subject_counts(
+            names.READY_STREAM, names.READY_ALL)).items() if n > 0}  # fmt: skip
+        if not ready:
+            return 0
+        work = await self._subject_counts(names.WORK_STREAM, names.WORK_ALL)
+        work_by_pool: dict[str, int] = defaultdict(int)
+        in_flight: dict[str, int] = defaultdict(int)
+        for subject, n in work.items():
+            pool, _cls, client = names.parse_work_subject(subject)
+            work_by_pool[pool] += n
+            in_flight[client] += n
+        slots: dict[str, int] = defaultdict(int)
+        for hb in self._heartbeats():
+            for pool in hb.pools:
+                slots[pool] += hb.slots
+        room = room_per_pool(
+            slots, work_by_pool, self._settings.dispatch_backlog_per_slot,
+            self._settings.dispatch_min_backlog,
+        )  # fmt: skip
+        waiting = [names.parse_ready_subject(s) for s in ready]
+        # Rotate the starting point each round so no client is always served first.
+        self._round += 1
+        start = self._round % len(waiting)
+        waiting = waiting[start:] + waiting[:start]
+        contenders: dict[str, int] = defaultdict(int)
+        for _, pool in waiting:
+            contenders[pool] += 1
+        moved = 0
+        for client, pool in waiting:
+            share = math.ceil(room.get(pool, self._settings.dispatch_min_backlog)
+                              / max(contenders[pool], 1))  # fmt: skip
+            contenders[pool] -= 1
+            if share <= 0:
+                continue
+            n = await self._dispatch_client(client, pool, share, in_flight[client])
+            room[pool] = room.get(pool, 0) - n
+            in_flight[client] += n
+            moved += n
+        return moved
+
+    async def _dispatch_client(self, client: str, pool: str, share: int, in_flight: int) -> int:
+        record = self._clients(client)
+        if record is None or record.paused:
+            return 0
+        limited = record.max_running is not None or record.max_submit_per_s is not None
+        if not limited:
+            return await self._move(client, pool, min(share, self._settings.dispatch_quantum))
+        lease_key = names.dispatch_lease(client)
+        revision = await self._leases.acquire(lease_key)
+        if revision is None:
+            return 0  # another driver is dispatching this client right now
+        try:
+            allowed = min(share, self._settings.dispatch_quantum)
+            if record.max_running is not None:
+                # Count again under the lease: the round's totals may predate another
+                # driver's dispatch of this client.
+                fresh = await self._subject_counts(names.WORK_STREAM, f"tg.work.*.*.{client}")
+                allowed = min(allowed, record.max_running - sum(fresh.values()))
+            state: RateState | None = None
+            at = time.time()
+            if record.max_submit_per_s is not None:
+                state = await self._rate_state(client)
+                allowed = min(allowed, int(refill(state, record.max_submit_per_s, at)))
+            if allowed <= 0:
+                return 0
+            n = await self._move(client, pool, allowed)
+            if record.max_submit_per_s is not None:
+                tokens = refill(state, record.max_submit_per_s, at) - n
+                await self._rates.put(client, msgspec.json.encode(RateState(tokens, at)))
+            return n
+        finally:
+            await self._leases.release(lease_key, revision)
+
+    async def _rate_state(self, client: str) -> RateState | None:
+        try:
+            entry = await self._rates.get(client)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        try:
+            return msgspec.json.decode(entry.value, type=RateState)
+        except msgspec.DecodeError:
+            return None
+
+    async def _sub(self, client: str, pool: str) -> JetStreamContext.PullSubscription:
+        durable = names.ready_consumer(client, pool)
+        sub = self._subs.get(durable)
+        if sub is None:
+            await ensure_ready_consumer(self._js, client, pool)
+            sub = await self._js.pull_subscribe_bind(durable, stream=names.READY_STREAM)
+            self._subs[durable] = sub
+        return sub
+
+    async def _move(self, client: str, pool: str, count: int) -> int:
+        """Fetch up to `count` of the client's ready tasks and hand them to the pool."""
+        sub = await self._sub(client, pool)
+        try:
+            msgs = await pull(sub, count, wait=0.05)
+        except (nats.errors.TimeoutError, TimeoutError):
+            return 0  # another driver took them first
+        record = self._clients(client)
+        sensitive = bool(record and record.sensitive)
+        batch: list[Outgoing] = []
+        for msg in msgs:
+            batch.extend(self._outgoing(msg, sensitive))
+        results = await self._publisher.publish_many(batch)
+        failed = any(not isinstance(r, PubAck) for r in results)
+        if failed:
+            # Keep it simple and safe: hand the whole fetch back; dedup ids make the
+            # republish of those that did get through harmless.
+            await asyncio.gather(*(m.nak(delay=1.0) for m in msgs), return_exceptions=True)
+            self._metrics.handoff_failures.inc()
+            return 0
+        await asyncio.gather(*(m.ack() for m in msgs))
+        self._metrics.dispatched.labels(pool=pool).inc(len(msgs))
+        return len(msgs)
+
+    def _outgoing(self, msg: Msg, sensitive: bool) -> list[Outgoing]:
+        item = msgspec.json.decode(msg.data, type=WorkItem)
+        if item.sensitive != sensitive:
+            item = msgspec.structs.replace(item, sensitive=sensitive)
+        out = [Outgoing(
+            subject=names.work_subject(item.pool, item.task_class, item.client),
+            payload=encode(item), msg_id=item.task_id,
+        )]  # fmt: skip
+        if sensitive:
+            event = Dispatched(
+                task_id=item.task_id, client=item.client, key=item.spec.key, attempt=0,
+                at=now(), submitted_at=item.submitted_at, pool=item.pool, sensitive=True,
+            )  # fmt: skip
+            out.append(Outgoing(
+                subject=names.event_subject(item.client), payload=encode(event),
+                msg_id=event.event_id,
+            ))  # fmt: skip
+        return out
