@@ -532,26 +532,31 @@ async def _table_stats(database_url: str, result: ModeResult) -> None:
 
 @contextlib.contextmanager
 def _cleanup_guard() -> Iterator[None]:
-    """Ignore Ctrl-C while stopping: an interrupted cleanup would orphan PostgreSQL."""
+    """Ignore Ctrl-C and SIGTERM while stopping: an interrupted cleanup would orphan PostgreSQL."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
 def _term_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the bench like Ctrl-C does: cancel the run, then clean up."""
+    """SIGTERM stops the bench like Ctrl-C: the run is cancelled, then everything stopped.
+
+    KeyboardInterrupt, not a signal of our own: asyncio lets it out of the event loop (and
+    then cancels the run's tasks), where another exception raised in a task would be lost.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_term(signum: int, frame: Any) -> None:
-        signal.raise_signal(signal.SIGINT)
+        raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 from typing import Any
 
 import msgspec
@@ -29,6 +30,8 @@ def add_client_commands(sub: Any) -> None:
         action="store_true",
         help="callbacks as NATS requests on tg.callback.NAME",
     )
+    add.add_argument("--callback-secret",
+                     help="HMAC secret for X-Tidegate-Signature (default: a random one, printed)")
     _limits(add)
     add.set_defaults(func=cmd_client_add)
 
@@ -40,7 +43,10 @@ def add_client_commands(sub: Any) -> None:
     st.add_argument("name")
     st.add_argument("--sensitive", dest="sensitive", action="store_true", default=None)
     st.add_argument("--no-sensitive", dest="sensitive", action="store_false")
-    st.add_argument("--callback-url")
+    st.add_argument("--callback-url", help="switch to HTTP callbacks at this URL")
+    st.add_argument("--callback-nats", action="store_true", default=None,
+                    help="switch to NATS request callbacks")
+    st.add_argument("--callback-secret", help="new HMAC secret for X-Tidegate-Signature")
     st.add_argument("--pause", dest="paused", action="store_true", default=None)
     st.add_argument("--resume", dest="paused", action="store_false")
     _limits(st)
@@ -56,6 +62,8 @@ def _limits(p: argparse.ArgumentParser) -> None:
         help="tasks per second started from its backlog",
     )
     p.add_argument("--default-pool")
+    p.add_argument("--callback-batch-max", type=int,
+                   help="callbacks per request, as a JSON array, when above 1")
 
 
 async def _registry(args: argparse.Namespace, work: Any) -> int:
@@ -82,17 +90,23 @@ def cmd_client_add(args: argparse.Namespace) -> int:
 
     if not re.match(NAME_RE, args.name):
         raise InvalidTask(f"client name {args.name!r} must match {NAME_RE}")
+    secret = args.callback_secret
+    if args.callback_url and not secret:
+        secret = secrets.token_urlsafe(32)
     record = ClientRecord(
         name=args.name, sensitive=args.sensitive, callback_url=args.callback_url,
-        callback_nats=args.callback_nats, max_running=args.max_running,
-        max_submit_per_s=args.max_submit_per_s, default_pool=args.default_pool or "default",
+        callback_nats=args.callback_nats, callback_secret=secret,
+        max_running=args.max_running, max_submit_per_s=args.max_submit_per_s,
+        default_pool=args.default_pool or "default",
+        callback_batch_max=args.callback_batch_max or 1,
     )  # fmt: skip
 
     async def work(store: Any, kv: Any) -> int:
-        await store.add_client(record)
-        stored = await store.get_client(args.name)
+        stored = await store.add_client(record)
         await publish_client(kv, stored)
         print(f"client {args.name} added")
+        if secret and not args.callback_secret:
+            print(f"callback secret (verify X-Tidegate-Signature with it): {secret}")
         return 0
 
     return asyncio.run(_registry(args, work))
@@ -114,25 +128,19 @@ def cmd_client_list(args: argparse.Namespace) -> int:
 
 
 def cmd_client_set(args: argparse.Namespace) -> int:
-    changes = {
-        k: getattr(args, k)
-        for k in (
-            "sensitive",
-            "callback_url",
-            "paused",
-            "max_running",
-            "max_submit_per_s",
-            "default_pool",
-        )
-        if getattr(args, k) is not None
-    }
+    fields = (
+        "sensitive", "callback_url", "callback_nats", "callback_secret", "paused",
+        "max_running", "max_submit_per_s", "default_pool", "callback_batch_max",
+    )  # fmt: skip
+    changes = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     if not changes:
         raise InvalidTask("nothing to change: give at least one option")
 
     async def work(store: Any, kv: Any) -> int:
         record = await store.update_client(args.name, **changes)
         await publish_client(kv, record)
-        print(f"client {args.name} updated: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+        shown = {k: ("***" if k == "callback_secret" else v) for k, v in changes.items()}
+        print(f"client {args.name} updated: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
         return 0
 
     return asyncio.run(_registry(args, work))

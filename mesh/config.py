@@ -55,6 +55,13 @@ class DriverSettings:
     per_event_connections: int = 8  # baseline mode: concurrent one-row transactions
     metrics_port: int | None = None  # None: no /metrics server; 0: any free port
     retention_days: int = 30
+    callback_timeout_s: float = 5.0  # an endpoint slower than this has failed
+    retry_every_s: float = 1.0  # how often each driver looks for due callbacks
+    retry_base_s: float = 1.0  # backoff: base * factor^(attempt-1), capped, with ±20% jitter
+    retry_factor: float = 2.0
+    retry_cap_s: float = 300.0
+    retry_max_attempts: int = 20  # then the callback is dead-lettered ...
+    retry_max_age_s: float = 24 * 3600  # ... or when it is this old
     dispatch_quantum: int = 500  # most tasks of one client moved per round
     dispatch_backlog_per_slot: int = 4  # a pool's work queue holds this many tasks per slot
     dispatch_min_backlog: int = 64  # ... and at least this many (pools with no live executor)
@@ -100,8 +107,19 @@ def _from_env(section: type[T], env: Mapping[str, str]) -> dict[str, Any]:
         raw = env.get(var)
         if raw is None or raw == "":
             continue
-        values[f.name] = _parse(var, raw, hints[f.name])
+        value = _parse(var, raw, hints[f.name])
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            low = 0 if f.name in _ZERO_ALLOWED else None
+            # `not value > 0` also refuses NaN, which compares false with everything.
+            if (low is None and not value > 0) or (low is not None and not value >= low):
+                bound = "0 or more" if low is not None else "greater than 0"
+                raise ConfigError(f"{var}={raw!r} is not valid: it must be {bound}")
+        values[f.name] = value
     return values
+
+
+# Numbers that may be zero (0 = "pick a free port"); every other number must be positive.
+_ZERO_ALLOWED = frozenset({"metrics_port"})
 
 
 def _parse(var: str, raw: str, hint: Any) -> Any:

@@ -13,6 +13,9 @@ from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from mesh.callbacks.outbox import Outbox, RetryPolicy
+from mesh.callbacks.retry import retry_pass, schedule_retries
+from mesh.callbacks.transport import Transports
 from mesh.clients import decode_client, sync_clients
 from mesh.config import Settings
 from mesh.dispatch import Dispatcher
@@ -20,6 +23,7 @@ from mesh.kvwatch import KvMirror
 from mesh.lease import Leases
 from mesh.metrics import DriverMetrics, serve
 from mesh.natsconn import connect
+from mesh.notify import Notifier
 from mesh.projector import Projector
 from mesh.publish import Publisher
 from mesh.route import Router
@@ -69,6 +73,20 @@ class Driver:
             js, self.publisher, self.leases, self.buckets.dispatch, self.clients.get,
             lambda: list(self.executors.values.values()), s.driver, self.metrics,
         )  # fmt: skip
+        d = s.driver
+        self.callback_store = Store(
+            s.connection.database_url, min_size=0, max_size=16, name="tidegate-callbacks"
+        )
+        await self.callback_store.open(wait=False)
+        self.outbox = Outbox(self.callback_store, RetryPolicy(
+            base_s=d.retry_base_s, factor=d.retry_factor, cap_s=d.retry_cap_s,
+            max_attempts=d.retry_max_attempts, max_age_s=d.retry_max_age_s,
+        ))  # fmt: skip
+        self.transports = Transports(self.nc, timeout_s=d.callback_timeout_s)
+        self.notifier = Notifier(
+            js, self.store, self.outbox, self.transports, self.clients.get, self.leases,
+            self.metrics,
+        )  # fmt: skip
         sup = self.supervisor
         # The database may be down at start: routing must not wait for it, only projection.
         sup.start("database-setup", self._database_setup)
@@ -78,12 +96,14 @@ class Driver:
         sup.start("route", router.run)
         sup.start("dispatch", dispatcher.run)
         sup.start("project", self.projector.run)
+        sup.start("notify", self.notifier.run)
         sup.start("gauges", self._gauges)
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.scheduler.add_job(
             self._retention, "cron", hour=0, minute=30, id="retention", coalesce=True,
             max_instances=1, misfire_grace_time=3600,
         )  # fmt: skip
+        schedule_retries(self.scheduler, self._retry_callbacks, d.retry_every_s)
         self.scheduler.start()
         log.info("driver up (persist=%s)", s.driver.persist)
 
@@ -91,6 +111,8 @@ class Driver:
         self.scheduler.shutdown(wait=False)
         await self.supervisor.stop()
         await self.publisher.close()
+        await self.transports.close()
+        await self.callback_store.close()
         await self.store.close()
         await self.nc.drain()
 
@@ -126,6 +148,12 @@ class Driver:
                 log.warning("database not ready (%s); retrying in %.0fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
+
+    async def _retry_callbacks(self) -> None:
+        stats = await retry_pass(self.outbox, self.transports, self.clients.get)
+        self.metrics.retries.labels(result="delivered").inc(stats.delivered)
+        self.metrics.retries.labels(result="failed").inc(stats.failed)
+        self.metrics.retries.labels(result="dead").inc(stats.dead)
 
     async def _retention(self) -> None:
         cutoff = (datetime.now(UTC) - timedelta(days=self.settings.driver.retention_days)).date()

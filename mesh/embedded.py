@@ -110,10 +110,10 @@ class EmbeddedNats:
             "--ports_file_dir", str(self.data_dir),
             "-P", str(self.pid_file), "-l", str(self.log_path),
         ]  # fmt: skip
+        # Its own process group: a Ctrl-C in the terminal must reach `tidegate up` only, which
+        # stops the server after the components that still need it.
         self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
+            argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent, process_group=0
         )
         ports = self.data_dir / f"nats-server_{self.proc.pid}.ports"
 

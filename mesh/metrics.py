@@ -53,6 +53,14 @@ class DriverMetrics:
             "tidegate_projection_coalesced", "Transitions merged into another row write",
             registry=r,
         )  # fmt: skip
+        self.callbacks = Counter(
+            "tidegate_callbacks", "Callbacks delivered at once or written to the outbox",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.retries = Counter(
+            "tidegate_callback_retries", "Outbox retries: delivered, failed again, dead-lettered",
+            ["result"], registry=r,
+        )  # fmt: skip
         self.executors = Gauge(
             "tidegate_executors_alive", "Executors with a live heartbeat", registry=r
         )

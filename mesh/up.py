@@ -36,24 +36,25 @@ from typing import IO, Any
 
 import psutil
 
+from mesh.cli import ENDPOINTS_FILE
 from mesh.config import Settings
 from mesh.embedded import EmbeddedNats, EmbeddedPostgres, die_with_parent, free_port
 from mesh.errors import ConfigError, TidegateError
 
 log = logging.getLogger("tidegate.up")
 
-ENDPOINTS_FILE = "endpoints.json"  # the name `mesh.cli.resolve_connection` reads
 DEMO_CLIENT = "demo"
 DEMO_INTERVAL_S = 5.0
 OPERATOR_LOGIN = "none yet (the console has no login; it listens on loopback only)"
 
 POLL_S = 0.25
 RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, cap; doubles per crash in a row
-STABLE_AFTER_S = 60.0  # a child that ran this long before crashing restarts without delay
+STABLE_AFTER_S = 60.0  # a child that ran this long before crashing starts over at 1 s
 CONSOLE_READY_S = 30.0
 STALE_GRACE_S = 5.0
 # Executors finish their running tasks on SIGTERM (up to drain_timeout_s); then this margin.
 STOP_MARGIN_S = 5.0
+NO_NATS_GRACE_S = 3.0
 
 
 class UpError(TidegateError):
@@ -168,7 +169,14 @@ class Children:
 
     def reap(self) -> None:
         """After the stop: SIGKILL whatever is left, wait for it, forget the pid files."""
-        self.signal_all(signal.SIGKILL)
+        left = []
+        for child in self.children:
+            if child.alive():
+                assert child.proc is not None
+                log.warning("killing %s (pid %d)", child.name, child.proc.pid)
+                with contextlib.suppress(psutil.Error):
+                    left.append(psutil.Process(child.proc.pid))
+        kill_trees(left)
         for child in self.children:
             if child.proc is not None:
                 child.proc.wait()
@@ -209,11 +217,22 @@ def stop_stale_children(data_dir: Path, grace_s: float = STALE_GRACE_S) -> list[
                 procs.append(proc)
         pid_file.unlink(missing_ok=True)
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=grace_s)
+    kill_trees(alive)
     return [p.pid for p in procs]
+
+
+def kill_trees(procs: list[psutil.Process], timeout: float = STALE_GRACE_S) -> None:
+    """SIGKILL processes and their descendants: an executor killed this way cannot stop its
+    tasks, which run in sessions of their own and would otherwise outlive it."""
+    victims: list[psutil.Process] = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            victims.extend(proc.children(recursive=True))
+        victims.append(proc)
+    for victim in victims:
+        with contextlib.suppress(psutil.Error):
+            victim.kill()
+    psutil.wait_procs(victims, timeout=timeout)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -384,9 +403,8 @@ class Up:
             self.nats = None
 
     def _server_died(self) -> str | None:
-        nats = self.nats.proc if self.nats is not None else None
-        if self.nats is not None and nats is not None and nats.poll() is not None:
-            return f"nats-server exited (code {nats.returncode}); see {self.nats.log_path}"
+        if self.nats is not None and self._embedded_nats_exited():
+            return f"nats-server exited; see {self.nats.log_path}"
         if self.postgres is not None and not _process_alive(_postgres_pid(self.postgres)):
             return f"postgres is gone; see {self.postgres.log_path}"
         return None
@@ -489,13 +507,30 @@ class Up:
             return
         self.children.signal_all(signal.SIGTERM)
         limit = self.settings.executor.drain_timeout_s + STOP_MARGIN_S
-        deadline = time.monotonic() + limit
+        started = time.monotonic()
+        deadline = started + limit
+        nats_gone = False
         while self.children.any_alive() and not self.hurry.is_set():
             if time.monotonic() > deadline:
-                log.warning("components still running after %.0fs: killing them", limit)
+                waited = time.monotonic() - started
+                log.warning("components still running after %.0fs: killing them", waited)
                 break
+            if not nats_gone and self._embedded_nats_exited():
+                # A Ctrl-C in the terminal also reaches nats-server (same process group):
+                # without it nothing can be handed off, so waiting for drains only delays.
+                # Unacknowledged work is redelivered on the next start.
+                nats_gone = True
+                deadline = min(deadline, time.monotonic() + NO_NATS_GRACE_S)
+                log.warning(
+                    "nats-server has stopped; giving the components %.0fs, then killing them",
+                    NO_NATS_GRACE_S,
+                )  # fmt: skip
             await asyncio.sleep(0.1)
         self.children.reap()
+
+    def _embedded_nats_exited(self) -> bool:
+        proc = self.nats.proc if self.nats is not None else None
+        return proc is not None and proc.poll() is not None
 
     # --- telling the operator ---
 

@@ -17,10 +17,10 @@ from msgspec import Meta, Struct
 from mesh.errors import InvalidTask
 
 # A name that is also a single NATS subject token and a KV key (clients, pools).
-NAME_RE: Final = r"^[A-Za-z0-9_-]{1,64}$"
+NAME_RE: Final = r"\A[A-Za-z0-9_-]{1,64}\Z"  # \Z: `$` would let a trailing newline in
 Name = Annotated[str, Meta(pattern=NAME_RE)]
 # The client's own idempotency key: printable, no whitespace, bounded.
-Key = Annotated[str, Meta(pattern=r"^[!-~]{1,200}$")]
+Key = Annotated[str, Meta(pattern=r"\A[!-~]{1,200}\Z")]
 
 MAX_ATTEMPTS_LIMIT: Final = 20
 MAX_TIMEOUT_S: Final = 7 * 24 * 3600
@@ -61,6 +61,13 @@ def check_spec(spec: TaskSpec) -> TaskSpec:
             raise InvalidTask("`argv` contains a NUL byte")
     if spec.shell is not None and not spec.shell.strip():
         raise InvalidTask("`shell` is blank: give the command line to run")
+    if spec.shell is not None and "\x00" in spec.shell:
+        raise InvalidTask("`shell` contains a NUL byte")
+    if spec.cwd is not None and "\x00" in spec.cwd:
+        raise InvalidTask("`cwd` contains a NUL byte")
+    for name, value in spec.labels.items():
+        if "\x00" in name or "\x00" in value:
+            raise InvalidTask(f"label {name!r} contains a NUL byte")
     for name, value in spec.env.items():
         if not _ENV_NAME.match(name):
             raise InvalidTask(f"`env` name {name!r} is not a valid environment variable name")

@@ -118,10 +118,11 @@ GROUP BY state;
 -- name: add_client
 INSERT INTO clients (
     name, sensitive, callback_url, callback_nats, callback_secret, max_running,
-    max_submit_per_s, default_pool, paused)
+    max_submit_per_s, default_pool, paused, callback_batch_max)
 VALUES (
     %(name)s, %(sensitive)s, %(callback_url)s, %(callback_nats)s, %(callback_secret)s,
-    %(max_running)s, %(max_submit_per_s)s, %(default_pool)s, %(paused)s)
+    %(max_running)s, %(max_submit_per_s)s, %(default_pool)s, %(paused)s,
+    %(callback_batch_max)s)
 ON CONFLICT (name) DO NOTHING
 RETURNING *;
 
@@ -136,9 +137,9 @@ SELECT * FROM clients ORDER BY name;
 -- every other column from the current row, so one static statement serves any subset.
 UPDATE clients AS c SET
     (sensitive, callback_url, callback_nats, callback_secret, max_running, max_submit_per_s,
-     default_pool, paused) =
+     default_pool, paused, callback_batch_max) =
     (SELECT p.sensitive, p.callback_url, p.callback_nats, p.callback_secret, p.max_running,
-            p.max_submit_per_s, p.default_pool, p.paused
+            p.max_submit_per_s, p.default_pool, p.paused, p.callback_batch_max
      FROM jsonb_populate_record(c, %(changes)s::jsonb) AS p),
     updated_at = now()
 WHERE c.name = %(name)s

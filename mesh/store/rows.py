@@ -257,6 +257,7 @@ class ClientRecord(Struct, frozen=True, kw_only=True):
     max_submit_per_s: Annotated[float, Meta(gt=0)] | None = None
     default_pool: Name = "default"
     paused: bool = False
+    callback_batch_max: Annotated[int, Meta(ge=1, le=1000)] = 1  # >1: callbacks as JSON arrays
     created_at: datetime | None = None  # set by the database
     updated_at: datetime | None = None
 
@@ -272,3 +273,4 @@ class ClientChanges(TypedDict, total=False):
     max_submit_per_s: float | None
     default_pool: str
     paused: bool
+    callback_batch_max: int

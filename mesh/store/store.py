@@ -43,6 +43,7 @@ _CLIENT_CHECKS = {
     "clients_callback_url_http": "callback_url must start with http:// or https://",
     "clients_max_running_positive": "max_running must be 0 or more",
     "clients_max_submit_positive": "max_submit_per_s must be greater than 0",
+    "clients_callback_batch_max_valid": "callback_batch_max must be 1 to 1000",
 }
 _CLIENT_FIELDS = frozenset(ClientChanges.__optional_keys__ | ClientChanges.__required_keys__)
 
