@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import msgspec
 import psycopg
@@ -56,7 +56,7 @@ from mesh.store.migrate import migrate
 from mesh.store.rows import ClientRecord
 from mesh.store.store import Store
 from mesh.topology import ensure_all
-from mesh.wire import TaskSpec
+from mesh.wire import TERMINAL_STATES, TaskSpec
 
 log = logging.getLogger("tidegate.bench")
 
@@ -518,8 +518,7 @@ async def _table_stats(database_url: str, result: ModeResult) -> None:
         cur = await conn.execute("SELECT state, count(*) FROM tasks GROUP BY state")
         states = {str(s): int(n) for s, n in await cur.fetchall()}
     result.succeeded = states.get("succeeded", 0)
-    result.terminal = sum(n for s, n in states.items() if s not in ("queued", "dispatched",
-                                                                       "running"))  # fmt: skip
+    result.terminal = sum(n for s, n in states.items() if s in TERMINAL_STATES)
     result.completed = result.terminal == result.tasks
     if result.tasks:
         result.rows_per_task = round(result.rows_written / result.tasks, 3)
@@ -582,6 +581,8 @@ def run_mode(root: Path, cfg: FloodConfig, mode: PersistMode) -> ModeResult:
 
 
 def run_flood(cfg: FloodConfig, *, work_dir: Path | None = None, keep: bool = False) -> FloodReport:
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="tidegate-bench-", dir=work_dir))
     results: dict[str, ModeResult] = {}
     try:
@@ -635,12 +636,10 @@ def add_bench_commands(sub: Any) -> None:
 
 
 def cmd_bench_flood(args: argparse.Namespace) -> int:
-    modes: list[Literal["batch", "per-event"]] = (
-        list(MODES) if args.persist == "both" else [args.persist]
-    )
+    modes: list[str] = list(MODES) if args.persist == "both" else [args.persist]
     cfg = FloodConfig(
         tasks=args.tasks, clients=args.clients, executors=args.executors, slots=args.slots,
-        persist=list(modes), command=list(COMMAND),
+        persist=modes, command=list(COMMAND),
         timeout_s=args.timeout if args.timeout else 60 + args.tasks / 100,
     )  # fmt: skip
     report = run_flood(cfg, work_dir=args.work_dir, keep=args.keep)
@@ -657,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("TIDEGATE_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    parser = argparse.ArgumentParser(prog="tidegate bench")
+    parser = argparse.ArgumentParser(prog="tidegate")
     add_bench_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
     try:

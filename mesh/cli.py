@@ -326,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("TIDEGATE_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # APScheduler logs every run of every job at INFO: once a second, that drowns the rest.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args))

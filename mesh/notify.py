@@ -79,7 +79,7 @@ class Notifier:
         self._leases = leases
         self._metrics = metrics
         self._lanes: dict[str, Lane] = {}
-        self._held: set[Msg] = set()  # acked by nobody yet: kept alive while lanes work
+        self._held: dict[int, Msg] = {}  # id → message not acked yet, kept alive while lanes work
         self._room = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self.leading = False
 
@@ -121,7 +121,7 @@ class Notifier:
                     # have its events redelivered (and sent twice, out of order).
                     kept_alive = loop.time()
                     await asyncio.gather(
-                        *(m.in_progress() for m in list(self._held)), return_exceptions=True
+                        *(m.in_progress() for m in list(self._held.values())), return_exceptions=True
                     )
             consume.result()
         finally:
@@ -157,7 +157,7 @@ class Notifier:
                 done.append(msg)
                 continue
             await self._room.acquire()
-            self._held.add(msg)
+            self._held[id(msg)] = msg
             lane = self._lane(event.client)
             lane.queue.put_nowait((callback_from_event(event), msg))
             if lane.task is None or lane.task.done():
@@ -198,7 +198,7 @@ class Notifier:
                 await asyncio.gather(*(m.ack() for _, m in items), return_exceptions=True)
             finally:
                 for _, msg in items:
-                    self._held.discard(msg)
+                    self._held.pop(id(msg), None)
                     self._room.release()
 
     async def _deliver(self, client: str, lane: Lane, callbacks: list[Callback]) -> None:
@@ -248,7 +248,7 @@ class Notifier:
         for lane in self._lanes.values():
             while not lane.queue.empty():
                 _, msg = lane.queue.get_nowait()
-                self._held.discard(msg)
+                self._held.pop(id(msg), None)
                 self._room.release()
                 await msg.nak()
         self._lanes.clear()

@@ -120,9 +120,9 @@ def test_persist_error_says_what_is_allowed() -> None:
         Settings.from_env({"TIDEGATE_PERSIST": "sometimes"})
 
 
-# Values of the right type but outside any sensible range get through and fail later, far from
-# the variable that caused it: e.g. TIDEGATE_PROJECTOR_MAX_COMMITS_PER_S=0 makes the projector
-# divide by zero (mesh/projector.py `_collect`) and crash-loop under its supervisor.
+# Right type, wrong range: unchecked, they would fail later, far from the variable that caused
+# it (TIDEGATE_PROJECTOR_MAX_COMMITS_PER_S=0 divides by zero in the projector, which then
+# crash-loops under its supervisor).
 @pytest.mark.parametrize(
     ("var", "raw"),
     [
@@ -135,3 +135,15 @@ def test_persist_error_says_what_is_allowed() -> None:
 def test_an_out_of_range_value_raises_config_error(var: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=var):
         Settings.from_env({var: raw})
+
+
+def test_zero_is_allowed_where_it_means_something() -> None:
+    """TIDEGATE_METRICS_PORT=0 asks for any free port."""
+    assert Settings.from_env({"TIDEGATE_METRICS_PORT": "0"}).driver.metrics_port == 0
+    with pytest.raises(ConfigError, match=r"TIDEGATE_METRICS_PORT.*0 or more"):
+        Settings.from_env({"TIDEGATE_METRICS_PORT": "-1"})
+
+
+def test_range_error_says_the_bound() -> None:
+    with pytest.raises(ConfigError, match="greater than 0"):
+        Settings.from_env({"TIDEGATE_SLOTS": "0"})

@@ -125,8 +125,8 @@ def test_nul_in_env_value_is_rejected() -> None:
     assert "NUL" in rejected(body(env={"A": "x\x00"}))
 
 
-# A NUL cannot be passed to exec (nor stored in a PostgreSQL text or jsonb value), so these are
-# as unrunnable as a NUL in argv, which is rejected; `check_spec` only looks at argv and env.
+# A NUL can be neither passed to exec nor stored in a PostgreSQL text or jsonb value: one that
+# got through would fail every projection batch it is in, for every client, forever.
 def test_nul_in_shell_is_rejected() -> None:
     assert "NUL" in rejected(body(argv=_DROP, shell="echo a\x00b"))
 
@@ -137,6 +137,7 @@ def test_nul_in_cwd_is_rejected() -> None:
 
 def test_nul_in_labels_is_rejected() -> None:
     assert "NUL" in rejected(body(labels={"name": "a\x00b"}))
+    assert "NUL" in rejected(body(labels={"na\x00me": "ab"}))
 
 
 @pytest.mark.parametrize("cwd", ["tmp", "./tmp", "~/x", ""])
@@ -223,9 +224,9 @@ def test_key_pattern_rejects(key: str) -> None:
     assert "key" in rejected(body(key=key))
 
 
-# Python's `$` also matches before a final newline, and msgspec checks `pattern` with re.search:
-# `^[!-~]{1,200}$` and NAME_RE accept "k\n". The key goes into the Nats-Msg-Id header and the
-# pool into a NATS subject (`tg.work.<pool>.<class>`), where a newline breaks the protocol line.
+# Python's `$` also matches before a final newline (msgspec checks `pattern` with re.search),
+# hence `\Z` in the patterns. The key goes into the Nats-Msg-Id header and the pool into NATS
+# subjects, where a newline breaks the protocol line.
 def test_key_with_a_trailing_newline_is_rejected() -> None:
     assert "key" in rejected(body(key="k\n"))
 
