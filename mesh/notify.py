@@ -120,9 +120,8 @@ class Notifier:
                     # A lane stuck behind a slow endpoint or a database outage must not
                     # have its events redelivered (and sent twice, out of order).
                     kept_alive = loop.time()
-                    await asyncio.gather(
-                        *(m.in_progress() for m in list(self._held.values())), return_exceptions=True
-                    )
+                    held = list(self._held.values())
+                    await asyncio.gather(*(m.in_progress() for m in held), return_exceptions=True)
             consume.result()
         finally:
             consume.cancel()
