@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from mesh import names
 from mesh.config import ExecutorSettings, Limits
 from mesh.metrics import ExecutorMetrics
 from mesh.publish import Outgoing, Publisher
-from mesh.pull import pull
+from mesh.pull import first_message, take_available
 from mesh.store.rows import ClientRecord
 from mesh.topology import Buckets, ensure_work_consumer
 from mesh.wire import (
@@ -103,26 +103,29 @@ class Executor:
         sub = await self._js.pull_subscribe_bind(durable, stream=names.WORK_STREAM)
         try:
             while not self.draining:
-                # Each class may promise at most half the slots to one fetch, so an idle
-                # class never starves the other while its fetch waits for work.
-                want = min(self._free(), _FETCH_MAX, -(-self._settings.slots // 2))
-                if want <= 0:
+                if self._free() <= 0:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                     continue
-                self._reserved += want
-                try:
-                    msgs = await pull(sub, want, wait=1.0)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    msgs = []
-                finally:
-                    self._reserved -= want
-                    self._slot_freed.set()
+                # Waiting for work holds one slot only, so an idle class never keeps the
+                # other from filling the rest; once a task arrives, take what else is there.
+                msgs = await self._reserving(1, first_message(sub, wait=1.0))
+                more = min(self._free(), _FETCH_MAX) if msgs else 0
+                if more > 0:
+                    msgs += await self._reserving(more, take_available(sub, more))
                 for msg in msgs:
                     self._metrics.fetched.inc()
                     self._start(msg)
         finally:
             await sub.unsubscribe()
+
+    async def _reserving(self, n: int, fetch: Awaitable[list[Msg]]) -> list[Msg]:
+        self._reserved += n
+        try:
+            return await fetch
+        finally:
+            self._reserved -= n
+            self._slot_freed.set()
 
     def _start(self, msg: Msg) -> None:
         try:

@@ -108,7 +108,8 @@ class _Output:
             while skip < min(3, len(tail)) and tail[skip] & 0xC0 == 0x80:
                 skip += 1
             tail = tail[skip:]
-        return tail.decode("utf-8", errors="replace")
+        # PostgreSQL text cannot hold NUL: a task printing one must not jam the projection.
+        return tail.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 class _Protocol(asyncio.SubprocessProtocol):

@@ -20,7 +20,7 @@ from mesh import names
 from mesh.errors import InvalidTask, SubmitError
 from mesh.natsconn import connect
 from mesh.publish import Outgoing, PubAck, Publisher
-from mesh.wire import NAME_RE, TaskSpec, check_spec, encode, task_id
+from mesh.wire import NAME_RE, TaskSpec, decode_spec, encode, task_id
 
 DEFAULT_MAX_TASK_BYTES = 64 * 1024
 
@@ -52,8 +52,10 @@ class TidegateClient:
 
     def prepare(self, spec: TaskSpec) -> Outgoing:
         """Validate and encode one task; raises `InvalidTask` with the reason."""
-        check_spec(spec)
         payload = encode(spec)
+        # A round trip through the decoder applies the field constraints (key and pool
+        # patterns, bounds) that constructing a struct in code does not check.
+        decode_spec(payload)
         if len(payload) > self._max_bytes:
             raise InvalidTask(
                 f"task {spec.key!r} is {len(payload)} bytes; the limit is {self._max_bytes}"

@@ -31,7 +31,7 @@ from mesh.config import DriverSettings
 from mesh.lease import Leases
 from mesh.metrics import DriverMetrics
 from mesh.publish import Outgoing, PubAck, Publisher
-from mesh.pull import pull
+from mesh.pull import ack_all, pull, settle_quietly
 from mesh.store.rows import ClientRecord
 from mesh.topology import ensure_ready_consumer
 from mesh.wire import Dispatched, Heartbeat, WorkItem, encode, now
@@ -211,10 +211,10 @@ class Dispatcher:
         if failed:
             # Keep it simple and safe: hand the whole fetch back; dedup ids make the
             # republish of those that did get through harmless.
-            await asyncio.gather(*(m.nak(delay=1.0) for m in msgs), return_exceptions=True)
+            await settle_quietly(msgs, "nak", delay=1.0)
             self._metrics.handoff_failures.inc()
             return 0
-        await asyncio.gather(*(m.ack() for m in msgs))
+        await ack_all(msgs)
         self._metrics.dispatched.labels(pool=pool).inc(len(msgs))
         return len(msgs)
 

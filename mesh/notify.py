@@ -32,7 +32,7 @@ from mesh.callbacks.payload import Callback, callback_from_event
 from mesh.callbacks.transport import CallbackFailed, Transports
 from mesh.lease import Leases
 from mesh.metrics import DriverMetrics
-from mesh.pull import pull
+from mesh.pull import ack_all, pull, settle_quietly
 from mesh.store.rows import ClientRecord, coalesce, row_from_event
 from mesh.store.store import Store
 from mesh.wire import AnyEvent, decode_event
@@ -121,7 +121,7 @@ class Notifier:
                     # have its events redelivered (and sent twice, out of order).
                     kept_alive = loop.time()
                     held = list(self._held.values())
-                    await asyncio.gather(*(m.in_progress() for m in held), return_exceptions=True)
+                    await settle_quietly(held, "in_progress")
             consume.result()
         finally:
             consume.cancel()
@@ -163,7 +163,7 @@ class Notifier:
                 lane.task = asyncio.create_task(
                     self._drive(event.client, lane), name=f"notify:{event.client}"
                 )
-        await asyncio.gather(*(m.ack() for m in done))
+        await ack_all(done)
 
     async def _persist(self, events: list[AnyEvent]) -> None:
         """Group commit of sensitive transitions: the database knows before the client does."""
@@ -194,7 +194,7 @@ class Notifier:
                 items.append(lane.queue.get_nowait())
             try:
                 await self._deliver(client, lane, [cb for cb, _ in items])
-                await asyncio.gather(*(m.ack() for _, m in items), return_exceptions=True)
+                await settle_quietly([m for _, m in items], "ack")
             finally:
                 for _, msg in items:
                     self._held.pop(id(msg), None)

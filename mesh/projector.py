@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from mesh import names
 from mesh.config import DriverSettings
 from mesh.metrics import DriverMetrics
+from mesh.pull import ack_all, settle_quietly
 from mesh.store.rows import TaskRow, coalesce, row_from_event, rows_from_heartbeat
 from mesh.store.store import Store
 from mesh.wire import Heartbeat, decode_event
@@ -66,7 +67,7 @@ class Projector:
                 msgs = await self._collect(sub)
                 rows, good = self._decode(msgs)
                 if self._to_terminate:
-                    await asyncio.gather(*(m.term() for m in self._to_terminate))
+                    await settle_quietly(self._to_terminate, "term")
                     self._to_terminate.clear()
                 rows.extend(self._heartbeat_rows.values())
                 self._heartbeat_rows.clear()
@@ -76,7 +77,7 @@ class Projector:
                     await self._write_per_event(rows)
                 else:
                     await self._write_batch(rows, good)
-                await asyncio.gather(*(m.ack() for m in good))
+                await ack_all(good)
         finally:
             await sub.unsubscribe()
 
@@ -164,5 +165,5 @@ class Projector:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             if msgs and loop.time() - last_keepalive > _KEEPALIVE_S:
-                await asyncio.gather(*(m.in_progress() for m in msgs), return_exceptions=True)
+                await settle_quietly(msgs, "in_progress")
                 last_keepalive = loop.time()

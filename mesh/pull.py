@@ -9,6 +9,8 @@ pull through here; the projector, which wants to linger, keeps `fetch`.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -16,20 +18,28 @@ from nats.js import JetStreamContext
 
 _STATUS = "Status"
 
+log = logging.getLogger(__name__)
+
 
 async def pull(sub: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
     """Up to `batch` messages: the first within `wait` seconds (else none), then the rest
     that are available at once."""
-    try:
-        msgs = list(await sub.fetch(1, timeout=wait))
-    except (nats.errors.TimeoutError, TimeoutError):
-        return []
-    if batch > 1:
-        msgs.extend(await _available(sub, batch - 1))
+    msgs = await first_message(sub, wait)
+    if msgs and batch > 1:
+        msgs.extend(await take_available(sub, batch - 1))
     return msgs
 
 
-async def _available(sub: JetStreamContext.PullSubscription, batch: int) -> list[Msg]:
+async def first_message(sub: JetStreamContext.PullSubscription, wait: float) -> list[Msg]:
+    """One message as soon as there is one, or none after `wait` seconds."""
+    try:
+        return list(await sub.fetch(1, timeout=wait))
+    except (nats.errors.TimeoutError, TimeoutError):
+        return []
+
+
+async def take_available(sub: JetStreamContext.PullSubscription, batch: int) -> list[Msg]:
+    """Up to `batch` messages that are there now, without waiting for more."""
     # A no-wait request without `expires` is answered at once: the messages there are, then
     # a status message (404/408) if it could not fill the batch.
     request = json.dumps({"batch": batch, "no_wait": True}).encode()
@@ -44,3 +54,19 @@ async def _available(sub: JetStreamContext.PullSubscription, batch: int) -> list
             break
         out.append(msg)
     return out
+
+
+async def ack_all(msgs: Iterable[Msg]) -> None:
+    """Ack one by one: each ack is a buffered publish, and a task per ack (gather) costs
+    more than the ack itself at flood rates."""
+    for msg in msgs:
+        await msg.ack()
+
+
+async def settle_quietly(msgs: Iterable[Msg], action: str, **kwargs: float) -> None:
+    """`nak`, `in_progress` or `term` each message; errors only logged (best effort)."""
+    for msg in msgs:
+        try:
+            await getattr(msg, action)(**kwargs)
+        except Exception as exc:
+            log.warning("%s of %s failed: %s", action, msg.subject, exc)

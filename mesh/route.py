@@ -10,7 +10,6 @@ second publish a no-op.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from mesh.config import DriverSettings, Limits
 from mesh.errors import InvalidTask
 from mesh.metrics import DriverMetrics
 from mesh.publish import MSG_ID_HEADER, Outgoing, PubAck, Publisher
-from mesh.pull import pull
+from mesh.pull import ack_all, pull, settle_quietly
 from mesh.store.rows import ClientRecord
 from mesh.wire import (
     AnyEvent,
@@ -145,12 +144,13 @@ class Router:
         flat = [o for group in outgoing for o in group]
         results = await self._publisher.publish_many(flat)
         i = 0
-        acks = []
+        acks: list[Msg] = []
+        naks: list[Msg] = []
         for msg, group, d in zip(msgs, outgoing, decisions, strict=True):
             mine = results[i : i + len(group)]
             i += len(group)
             if all(isinstance(r, PubAck) for r in mine):
-                acks.append(msg.ack())
+                acks.append(msg)
                 if d.work is None:
                     self._metrics.rejected.labels(reason=_reason_kind(d.event)).inc()
                     log.info("rejected %s: %s", d.event.task_id, getattr(d.event, "reason", ""))
@@ -164,8 +164,9 @@ class Router:
                 failure = next(r for r in mine if isinstance(r, Exception))
                 log.warning("could not hand off %s (%s); will retry", d.event.task_id, failure)
                 self._metrics.handoff_failures.inc()
-                acks.append(msg.nak(delay=2.0))
-        await asyncio.gather(*acks)
+                naks.append(msg)
+        await ack_all(acks)
+        await settle_quietly(naks, "nak", delay=2.0)
 
 
 def _outgoing(d: Decision) -> list[Outgoing]:

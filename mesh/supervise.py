@@ -19,6 +19,7 @@ class Supervisor:
         self.max_backoff_s = max_backoff_s
         self.restarts: dict[str, int] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
 
     def start(self, name: str, loop: LoopFactory) -> None:
         if name in self._tasks:
@@ -38,6 +39,11 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._stopping:
+                    # Stopping: an error while a loop cleans up (say, a closed connection)
+                    # is part of shutting down, not a crash to restart.
+                    log.debug("%s: loop %s ended while stopping", self.owner, name, exc_info=True)
+                    return
                 self.restarts[name] += 1
                 log.exception(
                     "%s: loop %s crashed (restart #%d in %.1fs)",
@@ -47,6 +53,7 @@ class Supervisor:
                 backoff = min(backoff * 2, self.max_backoff_s)
 
     async def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
         for task in self._tasks.values():
             task.cancel()
         if self._tasks:

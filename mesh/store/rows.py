@@ -59,6 +59,12 @@ class TaskRow:
         if self.state not in STATE_RANK:
             raise ValueError(f"{self.task_id}: unknown state {self.state!r}")
         object.__setattr__(self, "submitted_on", self.submitted_at.astimezone(UTC).date())
+        # PostgreSQL text refuses NUL; one such byte in a reason or log tail (from any
+        # publisher, not only our executors) would otherwise stop every projection batch.
+        for name in ("reason", "log_tail", "executor"):
+            value = getattr(self, name)
+            if value is not None and "\x00" in value:
+                object.__setattr__(self, name, value.replace("\x00", "\ufffd"))
 
     @property
     def state_rank(self) -> int:
