@@ -328,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # APScheduler logs every run of every job at INFO: once a second, that drowns the rest.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per callback
     args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args))
