@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,3 +167,18 @@ async def register(nats_url: str, database_url: str, *records: ClientRecord) -> 
                 await publish_client(buckets.clients, stored)
     finally:
         await nc.drain()
+
+
+def scrape(port: int) -> str:
+    """The Prometheus text a component serves on /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of every sample of `name` (all label sets)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )

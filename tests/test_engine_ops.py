@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +19,10 @@ from mesh.embedded import free_port
 from mesh.publish import BufferFull
 from mesh.topology import ensure_all
 from mesh.wire import TaskSpec, decode_heartbeat
-from tests.harness import Cluster, cli, wait_for
+from tests.harness import Cluster, cli, metric, scrape, wait_for
 from tests.test_engine_outcomes import final, task_row
 
 Conn = psycopg.AsyncConnection[Any]
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
-def metric(text: str, name: str) -> float:
-    """Sum of every sample of `name` (all label sets)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def test_metrics_and_heartbeats(cluster: Cluster, db: Conn) -> None:

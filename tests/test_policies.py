@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 from collections import defaultdict
 from typing import Any
 
@@ -17,7 +16,7 @@ from mesh.client import TidegateClient
 from mesh.embedded import free_port
 from mesh.store.rows import ClientRecord
 from mesh.wire import STATE_RANK, TaskSpec
-from tests.harness import Cluster, cli, register, wait_for
+from tests.harness import Cluster, cli, metric, register, scrape, wait_for
 from tests.receiver import Receiver
 
 Conn = psycopg.AsyncConnection[Any]
@@ -39,19 +38,6 @@ def assert_in_order(callbacks: list[Callback]) -> None:
 
 def terminal_tasks(callbacks: list[Callback]) -> set[str]:
     return {cb.task_id for cb in callbacks if STATE_RANK[cb.state] == 3}
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
-def metric(text: str, name: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
 
 
 async def test_sensitive_callback_never_ahead_of_the_database(
@@ -104,8 +90,12 @@ async def test_non_sensitive_writes_in_batches_and_converges(
     cluster: Cluster, engine_db: str, db: Conn
 ) -> None:
     # Production timings here: the bound is heartbeat interval + linger.
-    env = {"TIDEGATE_HEARTBEAT_INTERVAL_S": "2", "TIDEGATE_HEARTBEAT_TTL_S": "6",
-           "TIDEGATE_PROJECTOR_MAX_LINGER_S": "0.2", "TIDEGATE_PROJECTOR_MAX_COMMITS_PER_S": "20"}
+    env = {
+        "TIDEGATE_HEARTBEAT_INTERVAL_S": "2",
+        "TIDEGATE_HEARTBEAT_TTL_S": "6",
+        "TIDEGATE_PROJECTOR_MAX_LINGER_S": "0.2",
+        "TIDEGATE_PROJECTOR_MAX_COMMITS_PER_S": "20",
+    }
     called_at: dict[str, float] = {}
 
     def record(path: str, body: bytes) -> int:
@@ -122,9 +112,7 @@ async def test_non_sensitive_writes_in_batches_and_converges(
         cluster.driver("--metrics-port", str(dport), **env)
         cluster.executor(slots=16, **env)
         async with await TidegateClient.connect(cluster.nats_url, "relaxed") as tg:
-            await tg.submit_many(
-                TaskSpec(key=f"r{i}", shell="sleep 0.3") for i in range(n)
-            )
+            await tg.submit_many(TaskSpec(key=f"r{i}", shell="sleep 0.3") for i in range(n))
         lag: dict[str, float] = {}
 
         async def converged() -> bool:
