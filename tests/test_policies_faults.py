@@ -262,3 +262,31 @@ async def test_paused_client_keeps_its_tasks_buffered(
         return await cur.fetchone() == (10,)
 
     await wait_for(ran, timeout=30, what="10 tasks after resuming")
+
+
+async def test_submissions_beyond_the_rate_wait_instead_of_failing(
+    cluster: Cluster, engine_db: str, db: Conn
+) -> None:
+    await register(cluster.nats_url, engine_db, ClientRecord(name="metered", max_submit_per_s=20))
+    cluster.driver()
+    cluster.driver()  # the rate holds across drivers: they share one token bucket
+    cluster.executor(slots=16)
+    async with await TidegateClient.connect(cluster.nats_url, "metered") as tg:
+        receipts = await tg.submit_many(
+            TaskSpec(key=f"m{i}", argv=["/bin/true"]) for i in range(100)
+        )
+    assert len(receipts) == 100  # all accepted at once
+
+    async def all_ran() -> bool:
+        cur = await db.execute("SELECT count(*) FROM tasks WHERE state = 'succeeded'")
+        return await cur.fetchone() == (100,)
+
+    await wait_for(all_ran, timeout=60, what="100 rate-limited tasks")
+    cur = await db.execute(
+        "SELECT extract(epoch FROM max(started_at) - min(started_at)) FROM tasks"
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    # 20 per second with a burst of 20: the last of 100 starts about 4 s after the first.
+    span = float(row[0])
+    assert 3.5 <= span <= 10, f"100 tasks at 20/s started within {span:.1f}s"
