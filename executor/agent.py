@@ -58,6 +58,8 @@ class Slot:
     started_at: datetime = field(default_factory=now)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_reason: str = "cancelled by request"
+    # Last moment (loop time) JetStream surely still counted the work message as ours.
+    touched: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
 
 def default_executor_id() -> str:
@@ -151,7 +153,17 @@ class Executor:
         try:
             event = await self._execute(msg, slot)
             await self._report(event)
-            await _ack(msg)
+            if self._still_ours(slot):
+                await _ack(msg)
+            else:
+                # Frozen or cut off for longer than the ack wait: JetStream has likely handed
+                # the task to another executor, and our ack would delete *its* attempt's
+                # work message. The report above is fenced by its attempt number anyway.
+                log.warning(
+                    "task %s attempt %d: no progress sent for over %.0fs; not acking, "
+                    "another executor may run it", item.task_id, slot.attempt,
+                    self._limits.work_ack_wait_s,
+                )  # fmt: skip
             self._metrics.finished.labels(state=event.state).inc()
             log.info("task %s attempt %d: %s", item.task_id, slot.attempt, event.state)
         except asyncio.CancelledError:
@@ -166,6 +178,10 @@ class Executor:
             self.running.pop(item.task_id, None)
             self._metrics.running.set(len(self.running))
             self._slot_freed.set()
+
+    def _still_ours(self, slot: Slot) -> bool:
+        elapsed = asyncio.get_running_loop().time() - slot.touched
+        return elapsed < self._limits.work_ack_wait_s
 
     def _sensitive(self, item: WorkItem) -> bool:
         """The client's mode now (the registry), not when the task was dispatched."""
@@ -203,7 +219,9 @@ class Executor:
                 submitted_at=item.submitted_at, executor=self.id, at=now(),
                 started_at=slot.started_at, sensitive=True,
             ))  # fmt: skip
-        keepalive = asyncio.create_task(self._keepalive(msg), name=f"keepalive:{item.task_id}")
+        keepalive = asyncio.create_task(
+            self._keepalive(msg, slot), name=f"keepalive:{item.task_id}"
+        )
         try:
             result = await run_process(
                 item.spec, limits=self._process_limits, base_env=os.environ,
@@ -223,12 +241,19 @@ class Executor:
             return None
         return self._log_dir / f"{names.kv_key(task_id)}.{attempt}.log"
 
-    async def _keepalive(self, msg: Msg) -> None:
+    async def _keepalive(self, msg: Msg, slot: Slot) -> None:
         interval = max(self._limits.work_ack_wait_s / 3, 0.5)
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
+            if not self._still_ours(slot):
+                continue  # too late: a progress now could extend another executor's attempt
             try:
-                await msg.in_progress()
+                sent = loop.time()
+                # A request, not a plain publish: only the server's answer proves it counted
+                # this progress (a publish made while disconnected would just be buffered).
+                await msg._client.request(msg.reply, b"+WPI", timeout=interval)
+                slot.touched = sent
             except Exception as exc:  # disconnected: keep trying, the server may come back
                 log.warning("in_progress for %s failed: %s", msg.subject, exc)
 

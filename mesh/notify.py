@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ from mesh.metrics import DriverMetrics
 from mesh.pull import ack_all, pull, settle_quietly
 from mesh.store.rows import ClientRecord, coalesce, row_from_event
 from mesh.store.store import Store
-from mesh.wire import AnyEvent, decode_event
+from mesh.wire import STATE_RANK, AnyEvent, decode_event
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ _RENEW_S = 1.0  # the lease lives 5 s: renew well before
 _MAX_IN_FLIGHT = 20_000  # events held in lanes, not yet acked
 _LANE_BATCH = 200
 _OUTBOX_RECHECK_S = 1.0
+_LATEST_MAX = 200_000
 _KEEPALIVE_S = 20.0  # the notify consumer's ack wait is 60 s
 
 
@@ -81,6 +83,8 @@ class Notifier:
         self._lanes: dict[str, Lane] = {}
         self._held: dict[int, Msg] = {}  # id → message not acked yet, kept alive while lanes work
         self._room = asyncio.Semaphore(_MAX_IN_FLIGHT)
+        # The newest (attempt, rank) called back per task, to drop reports that arrive late.
+        self._latest: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self.leading = False
 
     async def run(self) -> None:
@@ -152,7 +156,7 @@ class Notifier:
         if sensitive:
             await self._persist(sensitive)
         for event, msg in events:
-            if not wants_callback(event, self._clients(event.client)):
+            if not wants_callback(event, self._clients(event.client)) or self._stale(event):
                 done.append(msg)
                 continue
             await self._room.acquire()
@@ -164,6 +168,19 @@ class Notifier:
                     self._drive(event.client, lane), name=f"notify:{event.client}"
                 )
         await ack_all(done)
+
+    def _stale(self, event: AnyEvent) -> bool:
+        """A report of an attempt older than one already called back (a late executor)."""
+        key = (event.attempt, STATE_RANK[event.state])
+        last = self._latest.get(event.task_id)
+        if last is not None and key < last:
+            log.info("not calling back %s: attempt %d is stale", event.event_id, event.attempt)
+            return True
+        self._latest[event.task_id] = key
+        self._latest.move_to_end(event.task_id)
+        while len(self._latest) > _LATEST_MAX:
+            self._latest.popitem(last=False)
+        return False
 
     async def _persist(self, events: list[AnyEvent]) -> None:
         """Group commit of sensitive transitions: the database knows before the client does."""

@@ -66,6 +66,8 @@ async def test_late_report_of_stale_attempt_does_not_overwrite(
         return "task beta:stale attempt 1: failed" in frozen.log()
 
     await wait_for(stale_reported, timeout=30, what="the frozen executor's late report")
+    # ... and it did not ack: that would have deleted attempt 2's work message.
+    assert "task beta:stale attempt 1: no progress sent for over" in frozen.log()
     projected = cluster.components[0]
 
     async def projector_caught_up() -> bool:
