@@ -68,6 +68,27 @@ def wants_callback(event: AnyEvent, record: ClientRecord | None) -> bool:
     return event.terminal or event.sensitive
 
 
+class LatestStates:
+    """The newest (attempt, rank) called back per task (bounded), to drop late reports: an
+    executor that was cut off may report attempt 1 after attempt 2 was called back."""
+
+    def __init__(self, limit: int = _LATEST_MAX) -> None:
+        self._limit = limit
+        self._latest: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    def stale(self, event: AnyEvent) -> bool:
+        key = (event.attempt, STATE_RANK[event.state])
+        last = self._latest.get(event.task_id)
+        if last is not None and key < last:
+            log.info("not calling back %s: attempt %d is stale", event.event_id, event.attempt)
+            return True
+        self._latest[event.task_id] = key
+        self._latest.move_to_end(event.task_id)
+        while len(self._latest) > self._limit:
+            self._latest.popitem(last=False)
+        return False
+
+
 class Notifier:
     def __init__(
         self, js: JetStreamContext, store: Store, outbox: Outbox, transports: Transports,
@@ -83,8 +104,7 @@ class Notifier:
         self._lanes: dict[str, Lane] = {}
         self._held: dict[int, Msg] = {}  # id → message not acked yet, kept alive while lanes work
         self._room = asyncio.Semaphore(_MAX_IN_FLIGHT)
-        # The newest (attempt, rank) called back per task, to drop reports that arrive late.
-        self._latest: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._fence = LatestStates()
         self.leading = False
 
     async def run(self) -> None:
@@ -156,7 +176,7 @@ class Notifier:
         if sensitive:
             await self._persist(sensitive)
         for event, msg in events:
-            if not wants_callback(event, self._clients(event.client)) or self._stale(event):
+            if not wants_callback(event, self._clients(event.client)) or self._fence.stale(event):
                 done.append(msg)
                 continue
             await self._room.acquire()
@@ -168,19 +188,6 @@ class Notifier:
                     self._drive(event.client, lane), name=f"notify:{event.client}"
                 )
         await ack_all(done)
-
-    def _stale(self, event: AnyEvent) -> bool:
-        """A report of an attempt older than one already called back (a late executor)."""
-        key = (event.attempt, STATE_RANK[event.state])
-        last = self._latest.get(event.task_id)
-        if last is not None and key < last:
-            log.info("not calling back %s: attempt %d is stale", event.event_id, event.attempt)
-            return True
-        self._latest[event.task_id] = key
-        self._latest.move_to_end(event.task_id)
-        while len(self._latest) > _LATEST_MAX:
-            self._latest.popitem(last=False)
-        return False
 
     async def _persist(self, events: list[AnyEvent]) -> None:
         """Group commit of sensitive transitions: the database knows before the client does."""
