@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--json", action="store_true")
     ts.set_defaults(func=cmd_tasks)
 
+    from mesh.bench import add_bench_commands
+
+    add_bench_commands(sub)
     return p
 
 

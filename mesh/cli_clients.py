@@ -30,8 +30,10 @@ def add_client_commands(sub: Any) -> None:
         action="store_true",
         help="callbacks as NATS requests on tg.callback.NAME",
     )
-    add.add_argument("--callback-secret",
-                     help="HMAC secret for X-Tidegate-Signature (default: a random one, printed)")
+    add.add_argument(
+        "--callback-secret",
+        help="HMAC secret for X-Tidegate-Signature (default: a random one, printed)",
+    )
     _limits(add)
     add.set_defaults(func=cmd_client_add)
 
@@ -44,8 +46,12 @@ def add_client_commands(sub: Any) -> None:
     st.add_argument("--sensitive", dest="sensitive", action="store_true", default=None)
     st.add_argument("--no-sensitive", dest="sensitive", action="store_false")
     st.add_argument("--callback-url", help="switch to HTTP callbacks at this URL")
-    st.add_argument("--callback-nats", action="store_true", default=None,
-                    help="switch to NATS request callbacks")
+    st.add_argument(
+        "--callback-nats",
+        action="store_true",
+        default=None,
+        help="switch to NATS request callbacks",
+    )
     st.add_argument("--callback-secret", help="new HMAC secret for X-Tidegate-Signature")
     st.add_argument("--pause", dest="paused", action="store_true", default=None)
     st.add_argument("--resume", dest="paused", action="store_false")
@@ -62,8 +68,11 @@ def _limits(p: argparse.ArgumentParser) -> None:
         help="tasks per second started from its backlog",
     )
     p.add_argument("--default-pool")
-    p.add_argument("--callback-batch-max", type=int,
-                   help="callbacks per request, as a JSON array, when above 1")
+    p.add_argument(
+        "--callback-batch-max",
+        type=int,
+        help="callbacks per request, as a JSON array, when above 1",
+    )
 
 
 async def _registry(args: argparse.Namespace, work: Any) -> int:

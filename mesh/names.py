@@ -6,9 +6,11 @@ Nobody else builds a subject string by hand: import the function or constant fro
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 from typing import Final
 
-from mesh.wire import TaskClass
+from mesh.wire import NAME_RE, TaskClass
 
 # Streams ------------------------------------------------------------------------------------
 TASKS_STREAM: Final = "TG_TASKS"  # submissions, a work queue drained by the drivers' route step
@@ -22,7 +24,7 @@ WORK_ALL: Final = "tg.work.>"
 EVENT_ALL: Final = "tg.event.>"
 
 # Durable consumers --------------------------------------------------------------------------
-ROUTE_CONSUMER: Final = "route"
+LEGACY_ROUTE_CONSUMER: Final = "route"  # one consumer for all clients, before fair routing
 PROJECTOR_CONSUMER: Final = "projector"
 NOTIFY_CONSUMER: Final = "notify"
 
@@ -43,6 +45,17 @@ def submit_subject(client: str) -> str:
 
 def client_of_submit_subject(subject: str) -> str:
     return subject.removeprefix("tg.submit.")
+
+
+def route_consumer(client: str) -> str:
+    """The route consumer of one client's submissions.
+
+    Any subject token can arrive (an unregistered client's, to be rejected), but consumer
+    names are stricter: names that are not plain get a stable digest instead.
+    """
+    if re.match(NAME_RE, client):
+        return f"route_{client}"
+    return "route_x" + hashlib.sha256(client.encode()).hexdigest()[:24]
 
 
 def ready_subject(client: str, pool: str) -> str:

@@ -1,6 +1,7 @@
 """The route step: validate submissions, choose pool and class, queue them for dispatch.
 
-Drivers share one durable pull consumer on the submission stream. For each batch a driver
+Every client submits on its own subject, and drivers share one durable pull consumer per
+client on the submission stream, taking a fair share of each in rounds. For each batch a driver
 publishes every valid task to its client's ready queue (where the dispatcher applies caps,
 rates and fairness) and a `queued` (or `rejected`) event to the events stream, and acks a
 submission only after both PubAcks are in. A driver killed halfway leaves its submissions
@@ -10,12 +11,12 @@ second publish a no-op.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -26,6 +27,7 @@ from mesh.metrics import DriverMetrics
 from mesh.publish import MSG_ID_HEADER, Outgoing, PubAck, Publisher
 from mesh.pull import ack_all, pull, settle_quietly
 from mesh.store.rows import ClientRecord
+from mesh.topology import ensure_route_consumer
 from mesh.wire import (
     AnyEvent,
     Queued,
@@ -39,6 +41,8 @@ from mesh.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+_IDLE_S = 0.05  # pause between rounds that found nothing to route
 
 ClientLookup = Callable[[str], ClientRecord | None]
 
@@ -116,18 +120,48 @@ class Router:
         self._settings = settings
         self._limits = limits
         self._metrics = metrics
+        self._subs: dict[str, JetStreamContext.PullSubscription] = {}
+        self._round = 0
 
     async def run(self) -> None:
-        sub = await self._js.pull_subscribe_bind(names.ROUTE_CONSUMER, stream=names.TASKS_STREAM)
         try:
             while True:
-                try:
-                    msgs = await pull(sub, self._settings.route_batch, wait=1.0)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    continue
-                await self.route_batch(msgs)
+                msgs = await self.round()
+                if msgs:
+                    await self.route_batch(msgs)
+                else:
+                    await asyncio.sleep(_IDLE_S)
         finally:
-            await sub.unsubscribe()
+            for sub in self._subs.values():
+                await sub.unsubscribe()
+            self._subs.clear()
+
+    async def round(self) -> list[Msg]:
+        """Take a fair share of every client's waiting submissions.
+
+        Each client submits to its own subject and has its own consumer, so one client's
+        flood of submissions is routed side by side with another's few, not ahead of them.
+        """
+        info = await self._js.stream_info(names.TASKS_STREAM, subjects_filter=names.SUBMIT_ALL)
+        waiting = [(s, n) for s, n in (info.state.subjects or {}).items() if n > 0]
+        if not waiting:
+            return []
+        self._round += 1
+        start = self._round % len(waiting)
+        waiting = waiting[start:] + waiting[:start]
+        share = max(1, self._settings.route_batch // len(waiting))
+        pulls = [self._take(subject, min(n, share)) for subject, n in waiting]
+        return [m for got in await asyncio.gather(*pulls) for m in got]
+
+    async def _take(self, subject: str, count: int) -> list[Msg]:
+        client = names.client_of_submit_subject(subject)
+        sub = self._subs.get(client)
+        if sub is None:
+            durable = await ensure_route_consumer(self._js, client)
+            sub = await self._js.pull_subscribe_bind(durable, stream=names.TASKS_STREAM)
+            self._subs[client] = sub
+        # A short wait only: another driver may have taken them since the count.
+        return await pull(sub, count, wait=0.05)
 
     async def route_batch(self, msgs: list[Msg]) -> None:
         outgoing: list[list[Outgoing]] = []

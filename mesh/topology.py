@@ -20,7 +20,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from mesh import names
@@ -84,11 +84,12 @@ async def ensure_streams(js: JetStreamContext, limits: Limits) -> None:
         retention=RetentionPolicy.INTEREST, discard=DiscardPolicy.NEW,
         max_bytes=limits.events_max_bytes, storage=StorageType.FILE, duplicate_window=window,
     ))  # fmt: skip
-    await _ensure_consumer(js, names.TASKS_STREAM, ConsumerConfig(
-        durable_name=names.ROUTE_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL, ack_wait=30.0, max_deliver=-1,
-        max_ack_pending=ROUTE_MAX_ACK_PENDING, filter_subject=names.SUBMIT_ALL,
-    ))  # fmt: skip
+    # A work-queue stream allows no overlapping consumers: the single all-clients route
+    # consumer of earlier versions must go before the per-client ones can exist.
+    try:
+        await js.delete_consumer(names.TASKS_STREAM, names.LEGACY_ROUTE_CONSUMER)
+    except NotFoundError:
+        pass
     await _ensure_consumer(js, names.EVENTS_STREAM, ConsumerConfig(
         durable_name=names.PROJECTOR_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL, ack_wait=30.0, max_deliver=-1,
@@ -113,6 +114,19 @@ async def ensure_work_consumer(
         ack_wait=limits.work_ack_wait_s, max_deliver=-1,
         max_ack_pending=WORK_MAX_ACK_PENDING,
         filter_subject=names.work_filter(pool, task_class),
+    ))  # fmt: skip
+    return durable
+
+
+async def ensure_route_consumer(js: JetStreamContext, client: str) -> str:
+    """One consumer per client on the submission stream, made when its first task arrives."""
+    durable = names.route_consumer(client)
+    await _ensure_consumer(js, names.TASKS_STREAM, ConsumerConfig(
+        durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30.0, max_deliver=-1, max_ack_pending=ROUTE_MAX_ACK_PENDING,
+        filter_subject=names.submit_subject(client),
+        # A client that stops submitting leaves no consumer behind for long.
+        inactive_threshold=7 * 24 * 3600.0,
     ))  # fmt: skip
     return durable
 

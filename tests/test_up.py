@@ -25,6 +25,7 @@ import httpx
 import psutil
 import pytest
 
+from mesh.children import process_alive
 from mesh.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,18 +57,9 @@ def processes_of(data_dir: Path) -> list[psutil.Process]:
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
         inside = any(a == prefix or a.startswith(prefix + os.sep) for a in cmdline)
-        if inside and proc.pid != os.getpid() and _alive(proc.pid):
+        if inside and proc.pid != os.getpid() and process_alive(proc.pid):
             found.append(proc)
     return found
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
 
 
 def _describe(procs: list[psutil.Process]) -> str:
@@ -319,7 +311,7 @@ def test_up_after_kill_9_cleans_up_the_old_run(ups: list[Up], tmp_path: Path) ->
     endpoints = second.wait_endpoints()
     assert second.proc is not None and endpoints["pids"]["up"] == second.proc.pid
     for name in ("nats-server", "postgres", "driver", "exec-0", "console"):
-        assert not _alive(old[name]) or old[name] == endpoints["pids"].get(name), (
+        assert not process_alive(old[name]) or old[name] == endpoints["pids"].get(name), (
             f"{name} (pid {old[name]}) of the killed run is still alive"
         )
     second.submit_and_wait("echo", "hi again")
