@@ -24,6 +24,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from executor import tasklogs
 from executor.process import ProcessLimits, run_process
 from mesh import names
 from mesh.config import ExecutorSettings, Limits
@@ -225,7 +226,7 @@ class Executor:
         try:
             result = await run_process(
                 item.spec, limits=self._process_limits, base_env=os.environ,
-                log_path=self._log_path(item.task_id, attempt), cancel=slot.cancel,
+                log_path=self._log_path(slot), cancel=slot.cancel,
                 cancel_reason=lambda: slot.cancel_reason,
             )  # fmt: skip
         finally:
@@ -236,10 +237,10 @@ class Executor:
             finished_at=result.finished_at,
         )  # fmt: skip
 
-    def _log_path(self, task_id: str, attempt: int) -> Path | None:
+    def _log_path(self, slot: Slot) -> Path | None:
         if self._log_dir is None:
             return None
-        return self._log_dir / f"{names.kv_key(task_id)}.{attempt}.log"
+        return tasklogs.log_path(self._log_dir, slot.item.task_id, slot.attempt, slot.started_at)
 
     async def _keepalive(self, msg: Msg, slot: Slot) -> None:
         interval = max(self._limits.work_ack_wait_s / 3, 0.5)

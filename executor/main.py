@@ -7,6 +7,7 @@ import logging
 import signal
 
 from executor.agent import Executor
+from executor.tasklogs import prune_loop
 from mesh.clients import decode_client
 from mesh.config import Settings
 from mesh.kvwatch import KvMirror
@@ -29,10 +30,11 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
     if ex.metrics_port is not None:
         serve(metrics.registry, ex.metrics_port)
     publisher = Publisher(nc)
+    log_dir = conn.data_dir / "task-logs"
     clients: KvMirror[ClientRecord] = KvMirror(buckets.clients, decode_client, name="clients")
     agent = Executor(
         js, publisher, buckets, ex, settings.limits, metrics,
-        log_dir=conn.data_dir / "task-logs", clients=clients.get,
+        log_dir=log_dir, clients=clients.get,
     )  # fmt: skip
 
     async def watch_cancels() -> None:
@@ -44,6 +46,7 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
     sup = Supervisor(f"executor {agent.id}")
     sup.start("clients", clients.run)
     sup.start("heartbeat", agent.heartbeat_loop)
+    sup.start("prune-task-logs", lambda: prune_loop(log_dir, ex.task_log_retention_h))
     sup.start("cancels", watch_cancels)
     sup.start("fetch-short", lambda: agent.fetch_loop("short"))
     sup.start("fetch-long", lambda: agent.fetch_loop("long"))

@@ -76,6 +76,7 @@ class ExecutorSettings:
     log_tail_bytes: int = 4096
     log_max_bytes: int = 1024 * 1024
     drain_timeout_s: float = 30.0
+    task_log_retention_h: float = 48.0  # task log files older than this are removed
     metrics_port: int | None = None
 
 
