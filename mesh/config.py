@@ -45,7 +45,7 @@ class Limits:
 
 @dataclass(frozen=True, kw_only=True)
 class DriverSettings:
-    route_batch: int = 500
+    route_batch: int = 500  # submissions routed per round, shared among waiting clients
     short_max_timeout_s: float = 300.0  # tasks with a longer timeout go to the `long` class
     default_pool: str = "default"
     projector_max_batch: int = 5000
