@@ -32,6 +32,7 @@ from mesh.lease import Leases
 from mesh.metrics import DriverMetrics
 from mesh.publish import Outgoing, PubAck, Publisher
 from mesh.pull import ack_all, pull, settle_quietly
+from mesh.rounds import BoundSubscriptions, rotate
 from mesh.store.rows import ClientRecord
 from mesh.topology import ensure_ready_consumer
 from mesh.wire import Dispatched, Heartbeat, WorkItem, encode, now
@@ -80,7 +81,7 @@ class Dispatcher:
         self._heartbeats = heartbeats
         self._settings = settings
         self._metrics = metrics
-        self._subs: dict[str, JetStreamContext.PullSubscription] = {}
+        self._subs = BoundSubscriptions(js, names.READY_STREAM)
         self._round = 0
 
     async def run(self) -> None:
@@ -90,9 +91,7 @@ class Dispatcher:
                 if not moved:
                     await asyncio.sleep(_IDLE_S)
         finally:
-            for sub in self._subs.values():
-                await sub.unsubscribe()
-            self._subs.clear()
+            await self._subs.close()
 
     async def _subject_counts(self, stream: str, subjects: str) -> dict[str, int]:
         info = await self._js.stream_info(stream, subjects_filter=subjects)
@@ -120,10 +119,8 @@ class Dispatcher:
             self._settings.dispatch_min_backlog,
         )  # fmt: skip
         waiting = [names.parse_ready_subject(s) for s in ready]
-        # Rotate the starting point each round so no client is always served first.
         self._round += 1
-        start = self._round % len(waiting)
-        waiting = waiting[start:] + waiting[:start]
+        waiting = rotate(waiting, self._round)
         contenders: dict[str, int] = defaultdict(int)
         for _, pool in waiting:
             contenders[pool] += 1
@@ -185,18 +182,12 @@ class Dispatcher:
         except msgspec.DecodeError:
             return None
 
-    async def _sub(self, client: str, pool: str) -> JetStreamContext.PullSubscription:
-        durable = names.ready_consumer(client, pool)
-        sub = self._subs.get(durable)
-        if sub is None:
-            await ensure_ready_consumer(self._js, client, pool)
-            sub = await self._js.pull_subscribe_bind(durable, stream=names.READY_STREAM)
-            self._subs[durable] = sub
-        return sub
-
     async def _move(self, client: str, pool: str, count: int) -> int:
         """Fetch up to `count` of the client's ready tasks and hand them to the pool."""
-        sub = await self._sub(client, pool)
+        sub = await self._subs.get(
+            names.ready_consumer(client, pool),
+            lambda: ensure_ready_consumer(self._js, client, pool),
+        )
         try:
             msgs = await pull(sub, count, wait=0.05)
         except (nats.errors.TimeoutError, TimeoutError):

@@ -26,6 +26,7 @@ from mesh.errors import InvalidTask
 from mesh.metrics import DriverMetrics
 from mesh.publish import MSG_ID_HEADER, Outgoing, PubAck, Publisher
 from mesh.pull import ack_all, pull, settle_quietly
+from mesh.rounds import BoundSubscriptions, rotate
 from mesh.store.rows import ClientRecord
 from mesh.topology import ensure_route_consumer
 from mesh.wire import (
@@ -120,7 +121,7 @@ class Router:
         self._settings = settings
         self._limits = limits
         self._metrics = metrics
-        self._subs: dict[str, JetStreamContext.PullSubscription] = {}
+        self._subs = BoundSubscriptions(js, names.TASKS_STREAM)
         self._round = 0
 
     async def run(self) -> None:
@@ -132,9 +133,7 @@ class Router:
                 else:
                     await asyncio.sleep(_IDLE_S)
         finally:
-            for sub in self._subs.values():
-                await sub.unsubscribe()
-            self._subs.clear()
+            await self._subs.close()
 
     async def round(self) -> list[Msg]:
         """Take a fair share of every client's waiting submissions.
@@ -147,19 +146,14 @@ class Router:
         if not waiting:
             return []
         self._round += 1
-        start = self._round % len(waiting)
-        waiting = waiting[start:] + waiting[:start]
+        waiting = rotate(waiting, self._round)
         share = max(1, self._settings.route_batch // len(waiting))
         pulls = [self._take(subject, min(n, share)) for subject, n in waiting]
         return [m for got in await asyncio.gather(*pulls) for m in got]
 
     async def _take(self, subject: str, count: int) -> list[Msg]:
         client = names.client_of_submit_subject(subject)
-        sub = self._subs.get(client)
-        if sub is None:
-            durable = await ensure_route_consumer(self._js, client)
-            sub = await self._js.pull_subscribe_bind(durable, stream=names.TASKS_STREAM)
-            self._subs[client] = sub
+        sub = await self._subs.get(client, lambda: ensure_route_consumer(self._js, client))
         # A short wait only: another driver may have taken them since the count.
         return await pull(sub, count, wait=0.05)
 
