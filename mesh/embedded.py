@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sysconfig
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,6 +142,16 @@ class EmbeddedNats:
         self.proc = None
 
 
+def _pg_bin() -> Path:
+    """The PostgreSQL binaries shipped in the pgserver wheel."""
+    # Importing pgserver warns (via platformdirs) when XDG_RUNTIME_DIR is unset, as on most
+    # servers; we never use the runtime directory it is warning about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver._commands import POSTGRES_BIN_PATH
+    return Path(POSTGRES_BIN_PATH)
+
+
 class EmbeddedPostgres:
     """PostgreSQL from the `pgserver` wheel, served on a free loopback TCP port.
 
@@ -162,9 +173,7 @@ class EmbeddedPostgres:
         self._user: str | None = "pgserver" if os.geteuid() == 0 else None
 
     def _run(self, tool: str, *args: str, timeout: float = 60.0) -> None:
-        from pgserver._commands import POSTGRES_BIN_PATH
-
-        argv = [str(POSTGRES_BIN_PATH / tool), *args]
+        argv = [str(_pg_bin() / tool), *args]
         try:
             subprocess.run(
                 argv, check=True, user=self._user, timeout=timeout,
@@ -180,7 +189,7 @@ class EmbeddedPostgres:
             return
         import pwd
 
-        from pgserver._commands import POSTGRES_BIN_PATH
+        bin_dir = _pg_bin()  # first: it imports pgserver without its warning
         from pgserver.utils import (
             ensure_folder_permissions,
             ensure_prefix_permissions,
@@ -190,9 +199,9 @@ class EmbeddedPostgres:
         ensure_user_exists(self._user)
         self.pgdata.mkdir(exist_ok=True)
         ensure_prefix_permissions(self.pgdata)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
-        ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+        ensure_prefix_permissions(bin_dir)
+        ensure_folder_permissions(bin_dir, 0o055)
+        ensure_folder_permissions(bin_dir.parent / "lib", 0o044)
         entry = pwd.getpwnam(self._user)
         os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
         self.log_path.touch()
