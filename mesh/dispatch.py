@@ -83,6 +83,7 @@ class Dispatcher:
         self._metrics = metrics
         self._subs = BoundSubscriptions(js, names.READY_STREAM)
         self._round = 0
+        self._exported: set[str] = set()  # clients with a gauge: reset to 0, never left stale
 
     async def run(self) -> None:
         try:
@@ -99,10 +100,8 @@ class Dispatcher:
 
     async def round(self) -> int:
         """One pass over every waiting (client, pool); returns the tasks moved."""
-        ready = {s: n for s, n in (await self._subject_counts(
-            names.READY_STREAM, names.READY_ALL)).items() if n > 0}  # fmt: skip
-        if not ready:
-            return 0
+        counts = await self._subject_counts(names.READY_STREAM, names.READY_ALL)
+        ready = {s: n for s, n in counts.items() if n > 0}
         work = await self._subject_counts(names.WORK_STREAM, names.WORK_ALL)
         work_by_pool: dict[str, int] = defaultdict(int)
         in_flight: dict[str, int] = defaultdict(int)
@@ -110,6 +109,9 @@ class Dispatcher:
             pool, _cls, client = names.parse_work_subject(subject)
             work_by_pool[pool] += n
             in_flight[client] += n
+        self._export(counts, in_flight)
+        if not ready:
+            return 0
         slots: dict[str, int] = defaultdict(int)
         for hb in self._heartbeats():
             for pool in hb.pools:
@@ -136,6 +138,17 @@ class Dispatcher:
             in_flight[client] += n
             moved += n
         return moved
+
+    def _export(self, ready: dict[str, int], in_flight: dict[str, int]) -> None:
+        """Per-client depth, for operators: who is waiting, and how much runs."""
+        backlog: dict[str, int] = defaultdict(int)
+        for subject, n in ready.items():
+            backlog[names.parse_ready_subject(subject)[0]] += n
+        for client in set(backlog) | self._exported:
+            self._metrics.backlog.labels(client=client).set(backlog.get(client, 0))
+        for client in set(in_flight) | self._exported:
+            self._metrics.in_flight.labels(client=client).set(in_flight.get(client, 0))
+        self._exported |= set(backlog) | set(in_flight)
 
     async def _dispatch_client(self, client: str, pool: str, share: int, in_flight: int) -> int:
         record = self._clients(client)

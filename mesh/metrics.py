@@ -30,6 +30,14 @@ class DriverMetrics:
             "tidegate_tasks_dispatched", "Tasks moved to their pool's work queue", ["pool"],
             registry=r,
         )  # fmt: skip
+        self.backlog = Gauge(
+            "tidegate_client_backlog", "Tasks routed and waiting for their client's turn",
+            ["client"], registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "tidegate_client_in_flight", "Tasks dispatched and not finished (queued in a pool "
+            "or running)", ["client"], registry=r,
+        )  # fmt: skip
         self.handoff_failures = Counter(
             "tidegate_route_handoff_failures", "Submissions whose hand-off to the work stream "
             "failed and will be retried", registry=r,

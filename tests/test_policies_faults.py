@@ -14,9 +14,10 @@ import pytest
 
 from mesh import names
 from mesh.client import TidegateClient
+from mesh.embedded import free_port
 from mesh.store.rows import ClientRecord
 from mesh.wire import TaskSpec, decode_heartbeat
-from tests.harness import Cluster, cli, register, wait_for
+from tests.harness import Cluster, cli, metric, register, scrape, wait_for
 from tests.receiver import Receiver
 from tests.test_policies import assert_in_order, terminal_tasks
 
@@ -225,7 +226,8 @@ async def test_paused_client_keeps_its_tasks_buffered(
     cluster: Cluster, engine_db: str, db: Conn
 ) -> None:
     await register(cluster.nats_url, engine_db, ClientRecord(name="sleepy", paused=True))
-    cluster.driver()
+    port = free_port()
+    cluster.driver("--metrics-port", str(port))
     cluster.executor(slots=4)
     async with await TidegateClient.connect(cluster.nats_url, "sleepy") as tg:
         await tg.submit_many(TaskSpec(key=f"z{i}", argv=["/bin/true"]) for i in range(10))
@@ -242,6 +244,10 @@ async def test_paused_client_keeps_its_tasks_buffered(
         assert info.state.messages == 10
     finally:
         await nc.close()
+    async def backlog_shown() -> bool:  # what an operator sees of it
+        return metric(scrape(port), 'tidegate_client_backlog{client="sleepy"}') == 10
+
+    await wait_for(backlog_shown, timeout=10, what="the backlog gauge")
     result = cli(cluster.env(), "client", "set", "sleepy", "--resume")
     assert result.returncode == 0, result.stderr
 
