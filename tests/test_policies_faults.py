@@ -244,6 +244,7 @@ async def test_paused_client_keeps_its_tasks_buffered(
         assert info.state.messages == 10
     finally:
         await nc.close()
+
     async def backlog_shown() -> bool:  # what an operator sees of it
         return metric(scrape(port), 'tidegate_client_backlog{client="sleepy"}') == 10
 
