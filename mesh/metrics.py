@@ -50,6 +50,10 @@ class DriverMetrics:
         )
         self.rows = Counter("tidegate_projection_rows", "Task rows written", registry=r)
         self.commits = Counter("tidegate_projection_commits", "Database commits", registry=r)
+        self.refused_rows = Counter(
+            "tidegate_projection_refused_rows", "Rows the database refused for their content "
+            "(logged with the task id, not projected)", registry=r,
+        )  # fmt: skip
         self.write_failures = Counter(
             "tidegate_projection_write_failures", "Failed projection writes (retried)", registry=r
         )

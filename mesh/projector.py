@@ -12,9 +12,11 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 import msgspec
 import nats.errors
+import psycopg
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -31,6 +33,18 @@ log = logging.getLogger(__name__)
 # Bound on (task, attempt) pairs remembered as already projected `running` from heartbeats.
 _SEEN_RUNNING_MAX = 500_000
 _KEEPALIVE_S = 10.0  # well inside the projector consumer's 30 s ack wait
+
+
+class RowRefused(Exception):
+    """The database refuses a row for what it holds; retrying cannot help."""
+
+
+def permanent(exc: BaseException) -> bool:
+    """Errors about the data (bad value, constraint, size limit), not about the database
+    being unreachable or not migrated yet: those are retried until they pass."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc
+    sqlstate = getattr(cause, "sqlstate", None) or ""
+    return sqlstate[:2] in {"22", "23", "54"}
 
 
 class Projector:
@@ -113,21 +127,34 @@ class Projector:
         for msg in msgs:
             try:
                 event = decode_event(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                row = row_from_event(event)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 # Nothing to project; terminate it so it is not redelivered forever.
                 log.warning("undecodable event on %s: %s", msg.subject, exc)
                 self._metrics.bad_events.inc()
                 self._to_terminate.append(msg)
                 continue
             self._metrics.events.labels(state=event.state).inc()
-            rows.append(row_from_event(event))
+            rows.append(row)
             good.append(msg)
         return rows, good
 
     async def _write_batch(self, rows: list[TaskRow], msgs: Sequence[Msg]) -> None:
         merged = coalesce(rows)
         self._metrics.coalesced.inc(len(rows) - len(merged))
-        await self._retrying(lambda: self._store.upsert_tasks(merged), msgs)
+        try:
+            await self._retrying(lambda: self._store.upsert_tasks(merged), msgs)
+        except RowRefused:
+            # One row the database can never take must not hold back the others: write
+            # them one by one and set the refused ones aside, loudly.
+            for row in merged:
+                try:
+                    await self._retrying(partial(self._store.upsert_task_one, row), msgs)
+                except RowRefused as exc:
+                    self._metrics.refused_rows.inc()
+                    log.error("row of %s refused by the database, not projected: %s",
+                              row.task_id, exc.__cause__)  # fmt: skip
+            return
         self._metrics.rows.inc(len(merged))
         self._metrics.commits.inc()
         self._metrics.batch_size.observe(len(merged))
@@ -160,6 +187,8 @@ class Projector:
                 self._last_commit = loop.time()
                 return
             except Exception as exc:
+                if permanent(exc):
+                    raise RowRefused(str(exc)) from exc
                 self._metrics.write_failures.inc()
                 log.warning("projection write failed (%s); retrying in %.1fs", exc, backoff)
             await asyncio.sleep(backoff)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,8 @@ from mesh.rounds import BoundSubscriptions, rotate
 from mesh.store.rows import ClientRecord
 from mesh.topology import ensure_route_consumer
 from mesh.wire import (
+    KEY_PATTERN,
+    NAME_RE,
     AnyEvent,
     Queued,
     Rejected,
@@ -46,6 +49,9 @@ log = logging.getLogger(__name__)
 _IDLE_S = 0.05  # pause between rounds that found nothing to route
 
 ClientLookup = Callable[[str], ClientRecord | None]
+
+INVALID_CLIENT = "_invalid"  # where submissions on a subject no client can own are rejected
+_KEY = re.compile(KEY_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +76,20 @@ def decide(
     # driver routes it again, so the row lands in the same day partition.
     at = submitted_at
     # The key is read from the dedup header when the body cannot be trusted, so even a
-    # malformed submission gets a rejected state under the id its client will look for.
+    # malformed submission gets a rejected state under the id its client will look for; but
+    # only a key the schema would accept, or a bad header could make an unstorable row.
     prefix = f"{client}:"
     key = header_msg_id[len(prefix) :] if header_msg_id and header_msg_id.startswith(prefix) else ""
-    key = key or f"_unkeyed-{stream_seq}"
+    if not _KEY.match(key):
+        key = f"_unkeyed-{stream_seq}"
+    if not re.match(NAME_RE, client):
+        # Not a name any client can be registered under: file it under a fixed one.
+        reason = f"{msg_subject!r} does not name a valid client (names match {NAME_RE})"
+        return Decision(event=Rejected(
+            task_id=task_id(INVALID_CLIENT, f"_seq-{stream_seq}"), client=INVALID_CLIENT,
+            key=f"_seq-{stream_seq}", attempt=0, at=at, submitted_at=at, reason=reason,
+            finished_at=at,
+        ))  # fmt: skip
 
     def reject(reason: str) -> Decision:
         sensitive = bool(record and record.sensitive)
@@ -123,6 +139,7 @@ class Router:
         self._metrics = metrics
         self._subs = BoundSubscriptions(js, names.TASKS_STREAM)
         self._round = 0
+        self._unroutable: set[str] = set()
 
     async def run(self) -> None:
         try:
@@ -142,14 +159,35 @@ class Router:
         flood of submissions is routed side by side with another's few, not ahead of them.
         """
         info = await self._js.stream_info(names.TASKS_STREAM, subjects_filter=names.SUBMIT_ALL)
-        waiting = [(s, n) for s, n in (info.state.subjects or {}).items() if n > 0]
+        waiting = [
+            (s, n) for s, n in (info.state.subjects or {}).items() if n > 0 and self._routable(s)
+        ]
         if not waiting:
             return []
         self._round += 1
         waiting = rotate(waiting, self._round)
         share = max(1, self._settings.route_batch // len(waiting))
         pulls = [self._take(subject, min(n, share)) for subject, n in waiting]
-        return [m for got in await asyncio.gather(*pulls) for m in got]
+        msgs: list[Msg] = []
+        for (subject, _), got in zip(waiting, await asyncio.gather(*pulls, return_exceptions=True),
+                                     strict=True):  # fmt: skip
+            if isinstance(got, BaseException):
+                # One client's consumer failing must not stop routing for the others.
+                log.error("cannot route submissions on %s: %s", subject, got)
+                continue
+            msgs.extend(got)
+        return msgs
+
+    def _routable(self, subject: str) -> bool:
+        """A literal subject: a wildcard token stored by a stray publish cannot get a
+        consumer of its own (it would overlap every client's)."""
+        client = names.client_of_submit_subject(subject)
+        if "*" in client or ">" in client or "." in client:
+            if subject not in self._unroutable:
+                self._unroutable.add(subject)
+                log.error("ignoring submissions on %r: not one client's subject", subject)
+            return False
+        return True
 
     async def _take(self, subject: str, count: int) -> list[Msg]:
         client = names.client_of_submit_subject(subject)

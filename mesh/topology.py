@@ -53,9 +53,10 @@ async def _ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCo
         await js.add_consumer(stream, config)
     except BadRequestError as exc:
         raise TopologyError(
-            f"consumer {config.durable_name!r} on {stream} exists with settings that cannot be "
-            f"changed in place ({exc.description}); delete it with "
-            f"`nats consumer rm {stream} {config.durable_name}` while no component runs"
+            f"cannot create or update consumer {config.durable_name!r} on {stream}: "
+            f"{exc.description}. If it exists with settings that cannot change in place, "
+            f"delete it (`nats consumer rm {stream} {config.durable_name}`) while no "
+            "component runs"
         ) from exc
 
 

@@ -20,7 +20,8 @@ from mesh.errors import InvalidTask
 NAME_RE: Final = r"\A[A-Za-z0-9_-]{1,64}\Z"  # \Z: `$` would let a trailing newline in
 Name = Annotated[str, Meta(pattern=NAME_RE)]
 # The client's own idempotency key: printable, no whitespace, bounded.
-Key = Annotated[str, Meta(pattern=r"\A[!-~]{1,200}\Z")]
+KEY_PATTERN: Final = r"\A[!-~]{1,200}\Z"
+Key = Annotated[str, Meta(pattern=KEY_PATTERN)]
 
 MAX_ATTEMPTS_LIMIT: Final = 20
 MAX_TIMEOUT_S: Final = 7 * 24 * 3600

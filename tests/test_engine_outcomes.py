@@ -12,7 +12,7 @@ import psycopg
 
 from mesh import names
 from mesh.client import TidegateClient
-from mesh.wire import TaskSpec
+from mesh.wire import Succeeded, TaskSpec, encode, now
 from tests.harness import Cluster, cli, wait_for
 
 Conn = psycopg.AsyncConnection[Any]
@@ -150,3 +150,34 @@ async def test_bad_input_is_rejected_and_routing_goes_on(cluster: Cluster, db: C
         assert reason in row["reason"], (task_id, row["reason"])
     await final(db, "gamma:good", "succeeded")
     assert driver.alive()
+
+
+async def test_rows_the_database_cannot_take_do_not_stop_projection(
+    cluster: Cluster, db: Conn
+) -> None:
+    cluster.driver()
+    cluster.executor(slots=2)
+    nc = await nats.connect(cluster.nats_url)
+    js = nc.jetstream()
+    try:
+        # A malformed body whose dedup header holds a key no row could index (3,000 bytes):
+        # rejected under a stand-in key instead.
+        huge = "k" * 3000
+        await js.publish(names.submit_subject("delta"), b"{oops",
+                         headers={"Nats-Msg-Id": names.msg_id("delta", huge)})  # fmt: skip
+        # An event published by hand, bypassing every check, that PostgreSQL refuses.
+        poison = Succeeded(
+            task_id="delta:" + huge, client="delta", key=huge, attempt=1, at=now(),
+            submitted_at=now(), finished_at=now(), reason="forged",
+        )  # fmt: skip
+        await js.publish(names.event_subject("delta"), encode(poison))
+    finally:
+        await nc.close()
+    async with await TidegateClient.connect(cluster.nats_url, "delta") as tg:
+        await tg.submit(TaskSpec(key="after", argv=["/bin/true"]))
+    await final(db, "delta:after", "succeeded")
+    cur = await db.execute(
+        "SELECT key, reason FROM tasks WHERE client = 'delta' AND state = 'rejected'"
+    )
+    rows = await cur.fetchall()
+    assert len(rows) == 1 and rows[0][0].startswith("_unkeyed-") and "malformed" in rows[0][1]
