@@ -113,7 +113,8 @@ class Executor:
                 # Waiting for work holds one slot only, so an idle class never keeps the
                 # other from filling the rest; once a task arrives, take what else is there.
                 msgs = await self._reserving(1, first_message(sub, wait=1.0))
-                more = min(self._free(), _FETCH_MAX) if msgs else 0
+                # The task just fetched is not in `running` yet: count it.
+                more = min(self._free() - len(msgs), _FETCH_MAX) if msgs else 0
                 if more > 0:
                     msgs += await self._reserving(more, take_available(sub, more))
                 for msg in msgs:
@@ -151,6 +152,11 @@ class Executor:
 
     async def _run(self, msg: Msg, slot: Slot) -> None:
         item = slot.item
+        # Kept alive for the whole attempt, reports included: a report waiting on a full
+        # events stream must not let the task be handed to another executor meanwhile.
+        keepalive = asyncio.create_task(
+            self._keepalive(msg, slot), name=f"keepalive:{item.task_id}"
+        )
         try:
             event = await self._execute(msg, slot)
             await self._report(event)
@@ -176,7 +182,9 @@ class Executor:
             log.exception("task %s attempt %d: executor error", item.task_id, slot.attempt)
             await _nak(msg)
         finally:
-            self.running.pop(item.task_id, None)
+            keepalive.cancel()
+            if self.running.get(item.task_id) is slot:  # not a newer attempt's slot
+                del self.running[item.task_id]
             self._metrics.running.set(len(self.running))
             self._slot_freed.set()
 
@@ -204,8 +212,9 @@ class Executor:
             at = now()
             return self._finished(
                 slot, "lost", at=at, finished_at=at,
-                reason=f"gave up after {attempt - 1} attempts: the executors running it "
-                "stopped reporting (killed, crashed or cut off)",
+                reason=f"gave up: delivered {attempt} times, over its limit of "
+                f"{item.spec.max_attempts} attempts (its executors died, were cut off, or "
+                "handed it back when stopping)",
             )  # fmt: skip
         if await self._cancel_requested(item.task_id):
             at = now()
@@ -220,17 +229,11 @@ class Executor:
                 submitted_at=item.submitted_at, executor=self.id, at=now(),
                 started_at=slot.started_at, sensitive=True,
             ))  # fmt: skip
-        keepalive = asyncio.create_task(
-            self._keepalive(msg, slot), name=f"keepalive:{item.task_id}"
-        )
-        try:
-            result = await run_process(
-                item.spec, limits=self._process_limits, base_env=os.environ,
-                log_path=self._log_path(slot), cancel=slot.cancel,
-                cancel_reason=lambda: slot.cancel_reason,
-            )  # fmt: skip
-        finally:
-            keepalive.cancel()
+        result = await run_process(
+            item.spec, limits=self._process_limits, base_env=os.environ,
+            log_path=self._log_path(slot), cancel=slot.cancel,
+            cancel_reason=lambda: slot.cancel_reason,
+        )  # fmt: skip
         return self._finished(
             slot, result.outcome, at=result.finished_at, exit_code=result.exit_code,
             reason=result.reason, log_tail=result.log_tail, started_at=result.started_at,

@@ -8,12 +8,11 @@ instead of stat-ing millions of files.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-from mesh import names
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +20,9 @@ _HOUR_FORMAT = "%Y%m%d%H"
 
 
 def log_path(root: Path, task_id: str, attempt: int, at: datetime) -> Path:
-    return (
-        root / at.astimezone(UTC).strftime(_HOUR_FORMAT) / f"{names.kv_key(task_id)}.{attempt}.log"
-    )
+    # A digest, not the id itself: ids reach 265 bytes, file names stop at 255.
+    digest = hashlib.sha256(task_id.encode()).hexdigest()[:32]
+    return root / at.astimezone(UTC).strftime(_HOUR_FORMAT) / f"{digest}.{attempt}.log"
 
 
 def expired_hours(root: Path, keep: timedelta, now: datetime) -> list[Path]:

@@ -22,6 +22,7 @@ from mesh.errors import (
     TaskNotFound,
     TidegateError,
     UnknownClient,
+    UsageError,
 )
 
 log = logging.getLogger("tidegate")
@@ -335,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args))
-    except (InvalidTask, ConfigError, UnknownClient) as exc:
+    except (InvalidTask, ConfigError, UnknownClient, UsageError) as exc:
         print(f"tidegate: {exc}", file=sys.stderr)
         return 2
     except TidegateError as exc:

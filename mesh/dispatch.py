@@ -83,6 +83,7 @@ class Dispatcher:
         self._metrics = metrics
         self._subs = BoundSubscriptions(js, names.READY_STREAM)
         self._round = 0
+        self._ignored: set[str] = set()
         self._exported: set[str] = set()  # clients with a gauge: reset to 0, never left stale
 
     async def run(self) -> None:
@@ -101,12 +102,19 @@ class Dispatcher:
     async def round(self) -> int:
         """One pass over every waiting (client, pool); returns the tasks moved."""
         counts = await self._subject_counts(names.READY_STREAM, names.READY_ALL)
-        ready = {s: n for s, n in counts.items() if n > 0}
+        ready = {s: n for s, n in counts.items() if n > 0 and names.parse_ready_subject(s)}
+        for subject in counts.keys() - ready.keys():
+            if counts[subject] > 0:
+                self._strange(subject)
         work = await self._subject_counts(names.WORK_STREAM, names.WORK_ALL)
         work_by_pool: dict[str, int] = defaultdict(int)
         in_flight: dict[str, int] = defaultdict(int)
         for subject, n in work.items():
-            pool, _cls, client = names.parse_work_subject(subject)
+            parsed = names.parse_work_subject(subject)
+            if parsed is None:
+                self._strange(subject)
+                continue
+            pool, _cls, client = parsed
             work_by_pool[pool] += n
             in_flight[client] += n
         self._export(counts, in_flight)
@@ -120,7 +128,7 @@ class Dispatcher:
             slots, work_by_pool, self._settings.dispatch_backlog_per_slot,
             self._settings.dispatch_min_backlog,
         )  # fmt: skip
-        waiting = [names.parse_ready_subject(s) for s in ready]
+        waiting = [p for p in map(names.parse_ready_subject, ready) if p is not None]
         self._round += 1
         waiting = rotate(waiting, self._round)
         contenders: dict[str, int] = defaultdict(int)
@@ -139,11 +147,19 @@ class Dispatcher:
             moved += n
         return moved
 
+    def _strange(self, subject: str) -> None:
+        """A subject this version does not write (a stray publish, an older layout)."""
+        if subject not in self._ignored:
+            self._ignored.add(subject)
+            log.error("ignoring messages on %r: not a subject this version writes", subject)
+
     def _export(self, ready: dict[str, int], in_flight: dict[str, int]) -> None:
         """Per-client depth, for operators: who is waiting, and how much runs."""
         backlog: dict[str, int] = defaultdict(int)
         for subject, n in ready.items():
-            backlog[names.parse_ready_subject(subject)[0]] += n
+            parsed = names.parse_ready_subject(subject)
+            if parsed is not None:
+                backlog[parsed[0]] += n
         for client in set(backlog) | self._exported:
             self._metrics.backlog.labels(client=client).set(backlog.get(client, 0))
         for client in set(in_flight) | self._exported:
@@ -208,8 +224,17 @@ class Dispatcher:
         record = self._clients(client)
         sensitive = bool(record and record.sensitive)
         batch: list[Outgoing] = []
+        bad: list[Msg] = []
         for msg in msgs:
-            batch.extend(self._outgoing(msg, sensitive))
+            try:
+                batch.extend(self._outgoing(msg, sensitive))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                # Only the route step writes here; a message it did not write is dropped.
+                log.error("undecodable ready message on %s: %s", msg.subject, exc)
+                bad.append(msg)
+        if bad:
+            await settle_quietly(bad, "term")
+            msgs = [m for m in msgs if all(m is not b for b in bad)]
         results = await self._publisher.publish_many(batch)
         failed = any(not isinstance(r, PubAck) for r in results)
         if failed:

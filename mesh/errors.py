@@ -41,3 +41,7 @@ class EmbeddedServerError(TidegateError):
 
 class TopologyError(TidegateError):
     """A JetStream stream or consumer exists with settings that cannot be changed in place."""
+
+
+class UsageError(TidegateError):
+    """A command or query was given a value it cannot use; the message says which."""

@@ -62,10 +62,12 @@ def ready_subject(client: str, pool: str) -> str:
     return f"tg.ready.{client}.{pool}"
 
 
-def parse_ready_subject(subject: str) -> tuple[str, str]:
-    """(client, pool) of a `tg.ready.<client>.<pool>` subject."""
-    _, _, client, pool = subject.split(".", 3)
-    return client, pool
+def parse_ready_subject(subject: str) -> tuple[str, str] | None:
+    """(client, pool) of a `tg.ready.<client>.<pool>` subject, None for anything else."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["tg", "ready"]:
+        return None
+    return parts[2], parts[3]
 
 
 def ready_consumer(client: str, pool: str) -> str:
@@ -82,10 +84,12 @@ def work_filter(pool: str, task_class: TaskClass) -> str:
     return f"tg.work.{pool}.{task_class}.*"
 
 
-def parse_work_subject(subject: str) -> tuple[str, str, str]:
-    """(pool, class, client) of a `tg.work.<pool>.<class>.<client>` subject."""
-    _, _, pool, task_class, client = subject.split(".", 4)
-    return pool, task_class, client
+def parse_work_subject(subject: str) -> tuple[str, str, str] | None:
+    """(pool, class, client) of a `tg.work.<pool>.<class>.<client>` subject, else None."""
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[:2] != ["tg", "work"]:
+        return None
+    return parts[2], parts[3], parts[4]
 
 
 def dispatch_lease(client: str) -> str:

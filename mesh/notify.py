@@ -106,6 +106,7 @@ class Notifier:
         self._room = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self._fence = LatestStates()
         self.leading = False
+        self._revision = 0
 
     async def run(self) -> None:
         while True:
@@ -115,16 +116,17 @@ class Notifier:
                 continue
             log.info("this driver now sends the callbacks (%s)", self._leases.owner)
             self.leading = True
+            self._revision = revision
             try:
-                await self._lead(revision)
+                await self._lead()
             except LeaseLost:
                 log.warning("notifier lease lost; another driver sends the callbacks now")
             finally:
                 self.leading = False
                 await self._stop_lanes()
-                await self._leases.release(names.NOTIFIER_LEASE, revision)
+                await self._leases.release(names.NOTIFIER_LEASE, self._revision)
 
-    async def _lead(self, revision: int) -> None:
+    async def _lead(self) -> None:
         pending = await self._outbox.pending_clients()
         for client in pending:
             self._lane(client).outboxed = True
@@ -136,10 +138,10 @@ class Notifier:
                 await asyncio.wait({consume}, timeout=_RENEW_S)
                 if consume.done():
                     break
-                renewed = await self._leases.renew(names.NOTIFIER_LEASE, revision)
+                renewed = await self._leases.renew(names.NOTIFIER_LEASE, self._revision)
                 if renewed is None:
                     raise LeaseLost
-                revision = renewed
+                self._revision = renewed  # released with this one when leading ends
                 if loop.time() - kept_alive > _KEEPALIVE_S:
                     # A lane stuck behind a slow endpoint or a database outage must not
                     # have its events redelivered (and sent twice, out of order).
@@ -217,7 +219,14 @@ class Notifier:
             while len(items) < _LANE_BATCH and not lane.queue.empty():
                 items.append(lane.queue.get_nowait())
             try:
-                await self._deliver(client, lane, [cb for cb, _ in items])
+                try:
+                    await self._deliver(client, lane, [cb for cb, _ in items])
+                except Exception as exc:
+                    # Whatever went wrong, the callbacks are kept, in order, in the outbox;
+                    # a lane that died here would strand them and its client's later ones.
+                    log.exception("callbacks to %s: unexpected failure; outboxing them", client)
+                    lane.outboxed = True
+                    await self._to_outbox([cb for cb, _ in items], f"unexpected: {exc!r}")
                 await settle_quietly([m for _, m in items], "ack")
             finally:
                 for _, msg in items:
@@ -246,7 +255,11 @@ class Notifier:
         if now - lane.checked_at < _OUTBOX_RECHECK_S:
             return True
         lane.checked_at = now
-        return await self._outbox.count(client) > 0
+        try:
+            return await self._outbox.count(client) > 0
+        except Exception as exc:  # cannot tell: keep the order safe, stay behind the outbox
+            log.warning("cannot count %s's outbox (%s)", client, exc)
+            return True
 
     async def _to_outbox(self, callbacks: list[Callback], error: str) -> None:
         backoff = 0.1

@@ -97,10 +97,14 @@ class Publisher:
         # A future given up on (timed out, cancelled) must not wait in the map forever.
         fut.add_done_callback(lambda _f: self._pending.pop(token, None))
         # A fresh headers dict per publish: nats-py writes into the one it is given.
-        await self._nc.publish(
-            out.subject, out.payload, reply=f"{self._prefix}.{token}",
-            headers={MSG_ID_HEADER: out.msg_id},
-        )  # fmt: skip
+        try:
+            await self._nc.publish(
+                out.subject, out.payload, reply=f"{self._prefix}.{token}",
+                headers={MSG_ID_HEADER: out.msg_id},
+            )  # fmt: skip
+        except BaseException:
+            fut.cancel()  # never sent: its done-callback forgets it
+            raise
         return fut
 
     async def publish(self, out: Outgoing) -> PubAck:

@@ -15,7 +15,7 @@ import pytest
 from psycopg import sql
 
 from mesh import wire
-from mesh.errors import MigrationError, StoreError, UnknownClient
+from mesh.errors import MigrationError, StoreError, UnknownClient, UsageError
 from mesh.store.migrate import available, migrate
 from mesh.store.rows import TaskRow, coalesce
 from mesh.store.store import ClientRecord, Store, TaskRecord
@@ -378,7 +378,7 @@ async def test_list_tasks(store: Store) -> None:
     assert [r.key for r in failed] == ["k9", "k6", "k3", "k0"]
     assert [r.key for r in await store.list_tasks(client="c1", state="failed")] == ["k9", "k3"]
     assert await store.list_tasks(client="nobody") == []
-    with pytest.raises(ValueError, match="unknown state"):
+    with pytest.raises(UsageError, match="unknown state"):
         await store.list_tasks(state="finished")
 
 

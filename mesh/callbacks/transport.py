@@ -111,10 +111,12 @@ class Transports:
                 resp = await self._http.post(url, content=body, headers=headers)
         except (TimeoutError, httpx.TimeoutException):
             raise CallbackFailed(f"timeout after {self.timeout_s:g}s from {_shown(url)}") from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise CallbackFailed(
                 f"cannot reach {_shown(url)}: {exc or type(exc).__name__}"
             ) from None
+        except Exception as exc:  # anything else httpx raises for a URL it cannot use
+            raise CallbackFailed(f"cannot call {_shown(url)}: {exc!r}") from None
         if not resp.is_success:
             snippet = " ".join(resp.text[:_SNIPPET].split())
             raise CallbackFailed(

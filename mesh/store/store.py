@@ -19,7 +19,7 @@ import psycopg
 from psycopg.rows import TupleRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from mesh.errors import StoreError, UnknownClient
+from mesh.errors import StoreError, UnknownClient, UsageError
 from mesh.store.queries import Q
 from mesh.store.rows import (
     ClientChanges,
@@ -188,9 +188,9 @@ class Store:
     ) -> list[TaskRecord]:
         """Tasks newest first, optionally of one client and/or in one state."""
         if state is not None and state not in STATE_RANK:
-            raise ValueError(f"unknown state {state!r}; one of {', '.join(STATE_RANK)}")
+            raise UsageError(f"unknown state {state!r}; one of {', '.join(STATE_RANK)}")
         if limit < 0:
-            raise ValueError(f"limit must be 0 or more, not {limit}")
+            raise UsageError(f"limit must be 0 or more, not {limit}")
         if client is None:
             query = Q.list_tasks if state is None else Q.list_tasks_by_state
         else:
