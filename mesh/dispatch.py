@@ -34,7 +34,7 @@ from mesh.publish import Outgoing, PubAck, Publisher
 from mesh.pull import ack_all, pull, settle_quietly
 from mesh.rounds import BoundSubscriptions, rotate
 from mesh.store.rows import ClientRecord
-from mesh.topology import ensure_ready_consumer
+from mesh.topology import LEASE_TTL_S, ensure_ready_consumer
 from mesh.wire import Dispatched, Heartbeat, WorkItem, encode, now
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,9 @@ class Dispatcher:
                 allowed = min(allowed, int(refill(state, record.max_submit_per_s, at)))
             if allowed <= 0:
                 return 0
-            n = await self._move(client, pool, allowed)
+            # Finish well inside the lease: past its TTL another driver may take it, and two
+            # drivers dispatching one client at once could exceed its cap.
+            n = await self._move(client, pool, allowed, within_s=LEASE_TTL_S / 2)
             if record.max_submit_per_s is not None:
                 tokens = refill(state, record.max_submit_per_s, at) - n
                 await self._rates.put(client, msgspec.json.encode(RateState(tokens, at)))
@@ -211,7 +213,9 @@ class Dispatcher:
         except msgspec.DecodeError:
             return None
 
-    async def _move(self, client: str, pool: str, count: int) -> int:
+    async def _move(
+        self, client: str, pool: str, count: int, *, within_s: float | None = None
+    ) -> int:
         """Fetch up to `count` of the client's ready tasks and hand them to the pool."""
         sub = await self._subs.get(
             names.ready_consumer(client, pool),
@@ -235,7 +239,12 @@ class Dispatcher:
         if bad:
             await settle_quietly(bad, "term")
             msgs = [m for m in msgs if all(m is not b for b in bad)]
-        results = await self._publisher.publish_many(batch)
+        try:
+            results = await asyncio.wait_for(self._publisher.publish_many(batch), within_s)
+        except TimeoutError:
+            # Some may be in the work queue already: handed back, they are republished
+            # later under the same ids, which the work stream drops as duplicates.
+            results = [TimeoutError(f"dispatch took over {within_s}s")]
         failed = any(not isinstance(r, PubAck) for r in results)
         if failed:
             # Keep it simple and safe: hand the whole fetch back; dedup ids make the

@@ -153,7 +153,12 @@ class Publisher:
                 except nats.errors.Error as exc:  # disconnected, reconnect buffer full
                     last[i] = exc
             if futures:
-                await asyncio.wait(futures.values(), timeout=self._timeout)
+                try:
+                    await asyncio.wait(futures.values(), timeout=self._timeout)
+                except asyncio.CancelledError:
+                    for fut in futures.values():
+                        fut.cancel()  # forgotten by their done-callbacks
+                    raise
             retry = [i for i in todo if i not in futures]
             for i, fut in futures.items():
                 if not fut.done():
