@@ -34,8 +34,8 @@ from mesh.callbacks.transport import CallbackFailed, Transports
 from mesh.lease import Leases
 from mesh.metrics import DriverMetrics
 from mesh.pull import ack_all, pull, settle_quietly
-from mesh.store.rows import ClientRecord, coalesce, row_from_event
-from mesh.store.store import Store
+from mesh.store.rows import ClientRecord, TaskRow, coalesce, row_from_event
+from mesh.store.store import Store, permanent
 from mesh.wire import STATE_RANK, AnyEvent, decode_event
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,10 @@ class Notifier:
         done: list[Msg] = []
         for msg in msgs:
             try:
-                events.append((decode_event(msg.data), msg))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                event = decode_event(msg.data)
+                row_from_event(event)  # what `_persist` will need: refuse it here, not there
+                events.append((event, msg))
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 log.warning("undecodable event on %s: %s", msg.subject, exc)
                 await msg.term()
         sensitive = [
@@ -202,7 +204,31 @@ class Notifier:
                 self._metrics.rows.inc(len(rows))
                 return
             except Exception as exc:
+                if permanent(exc) and len(rows) > 1:
+                    # A row the database refuses must not hold back the others' callbacks.
+                    for row in rows:
+                        await self._persist_one(row)
+                    return
+                if permanent(exc):
+                    self._metrics.refused_rows.inc()
+                    log.error("sensitive row of %s refused: %s", rows[0].task_id, exc)
+                    return
                 self._metrics.write_failures.inc()
+                log.warning("sensitive callbacks wait: database write failed (%s)", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _persist_one(self, row: TaskRow) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._store.upsert_task_one(row)
+                return
+            except Exception as exc:
+                if permanent(exc):
+                    self._metrics.refused_rows.inc()
+                    log.error("sensitive row of %s refused: %s", row.task_id, exc)
+                    return
                 log.warning("sensitive callbacks wait: database write failed (%s)", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -16,7 +16,6 @@ from functools import partial
 
 import msgspec
 import nats.errors
-import psycopg
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -25,7 +24,7 @@ from mesh.config import DriverSettings
 from mesh.metrics import DriverMetrics
 from mesh.pull import ack_all, settle_quietly
 from mesh.store.rows import TaskRow, coalesce, row_from_event, rows_from_heartbeat
-from mesh.store.store import Store
+from mesh.store.store import RowRefused, Store, permanent
 from mesh.wire import Heartbeat, decode_event
 
 log = logging.getLogger(__name__)
@@ -33,18 +32,6 @@ log = logging.getLogger(__name__)
 # Bound on (task, attempt) pairs remembered as already projected `running` from heartbeats.
 _SEEN_RUNNING_MAX = 500_000
 _KEEPALIVE_S = 10.0  # well inside the projector consumer's 30 s ack wait
-
-
-class RowRefused(Exception):
-    """The database refuses a row for what it holds; retrying cannot help."""
-
-
-def permanent(exc: BaseException) -> bool:
-    """Errors about the data (bad value, constraint, size limit), not about the database
-    being unreachable or not migrated yet: those are retried until they pass."""
-    cause = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc
-    sqlstate = getattr(cause, "sqlstate", None) or ""
-    return sqlstate[:2] in {"22", "23", "54"}
 
 
 class Projector:

@@ -63,6 +63,18 @@ def _missing_partition(exc: psycopg.errors.CheckViolation) -> bool:
     return (exc.diag.message_primary or "").startswith("no partition of relation")
 
 
+class RowRefused(Exception):
+    """The database refuses a row for what it holds; retrying cannot help."""
+
+
+def permanent(exc: BaseException) -> bool:
+    """Errors about the data (bad value, constraint, size limit), not about the database
+    being unreachable or not migrated yet: those are worth retrying until they pass."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc
+    sqlstate = getattr(cause, "sqlstate", None) or ""
+    return sqlstate[:2] in {"22", "23", "54"}
+
+
 class Store:
     """Everything Tidegate reads from and writes to PostgreSQL."""
 
