@@ -16,6 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,6 +33,7 @@ from mesh.metrics import ExecutorMetrics
 from mesh.publish import Outgoing, Publisher
 from mesh.pull import first_message, take_available
 from mesh.store.rows import ClientRecord
+from mesh.supervise import until_done
 from mesh.topology import Buckets, ensure_work_consumer
 from mesh.wire import (
     FINISHED_BY_STATE,
@@ -267,15 +269,9 @@ class Executor:
             subject=names.event_subject(event.client), payload=encode(event),
             msg_id=event.event_id,
         )  # fmt: skip
-        backoff = 0.2
-        while True:
-            try:
-                await self._publisher.publish(out)
-                return
-            except Exception as exc:
-                log.warning("reporting %s failed (%s); retrying", event.event_id, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        await until_done(
+            partial(self._publisher.publish, out), what=f"reporting {event.event_id}", first_s=0.2
+        )
 
     async def _cancel_requested(self, task_id: str) -> bool:
         try:

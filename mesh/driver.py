@@ -30,7 +30,7 @@ from mesh.route import Router
 from mesh.store.migrate import migrate
 from mesh.store.rows import ClientRecord
 from mesh.store.store import Store
-from mesh.supervise import Supervisor
+from mesh.supervise import Supervisor, until_done
 from mesh.topology import Buckets, ensure_all
 from mesh.wire import Heartbeat, decode_heartbeat
 
@@ -135,19 +135,14 @@ class Driver:
             await asyncio.sleep(1.0)
 
     async def _database_setup(self) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                applied = await migrate(self.settings.connection.database_url)
-                if applied:
-                    log.info("applied migrations: %s", ", ".join(applied))
-                count = await sync_clients(self.store, self.buckets.clients)
-                log.info("mirrored %d clients into the clients bucket", count)
-                return
-            except Exception as exc:
-                log.warning("database not ready (%s); retrying in %.0fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+        async def once() -> None:
+            applied = await migrate(self.settings.connection.database_url)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            count = await sync_clients(self.store, self.buckets.clients)
+            log.info("mirrored %d clients into the clients bucket", count)
+
+        await until_done(once, what="database setup", first_s=0.5, max_s=10.0)
 
     async def _retry_callbacks(self) -> None:
         stats = await retry_pass(self.outbox, self.transports, self.clients.get)

@@ -22,6 +22,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgspec
 from nats.aio.msg import Msg
@@ -36,6 +37,7 @@ from mesh.metrics import DriverMetrics
 from mesh.pull import ack_all, pull, settle_quietly
 from mesh.store.rows import ClientRecord, TaskRow, coalesce, row_from_event
 from mesh.store.store import Store, permanent
+from mesh.supervise import until_done
 from mesh.wire import STATE_RANK, AnyEvent, decode_event
 
 log = logging.getLogger(__name__)
@@ -164,25 +166,28 @@ class Notifier:
             await sub.unsubscribe()
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        events: list[tuple[AnyEvent, Msg]] = []
+        events: list[tuple[AnyEvent, Msg]] = []  # to call back, in order
+        rows: list[TaskRow] = []  # sensitive transitions, written before their callbacks
         done: list[Msg] = []
         for msg in msgs:
             try:
                 event = decode_event(msg.data)
-                row_from_event(event)  # what `_persist` will need: refuse it here, not there
-                events.append((event, msg))
+                wanted = wants_callback(event, self._clients(event.client))
+                # Sensitive rows are built here, where a bad one can still be refused.
+                row = row_from_event(event) if wanted and event.sensitive else None
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 log.warning("undecodable event on %s: %s", msg.subject, exc)
                 await msg.term()
-        sensitive = [
-            e for e, _ in events if e.sensitive and wants_callback(e, self._clients(e.client))
-        ]
-        if sensitive:
-            await self._persist(sensitive)
-        for event, msg in events:
-            if not wants_callback(event, self._clients(event.client)) or self._fence.stale(event):
-                done.append(msg)
                 continue
+            if row is not None:
+                rows.append(row)
+            if wanted and not self._fence.stale(event):
+                events.append((event, msg))
+            else:
+                done.append(msg)
+        if rows:
+            await self._persist(coalesce(rows))
+        for event, msg in events:
             await self._room.acquire()
             self._held[id(msg)] = msg
             lane = self._lane(event.client)
@@ -193,45 +198,30 @@ class Notifier:
                 )
         await ack_all(done)
 
-    async def _persist(self, events: list[AnyEvent]) -> None:
+    async def _persist(self, rows: list[TaskRow]) -> None:
         """Group commit of sensitive transitions: the database knows before the client does."""
-        rows = coalesce(row_from_event(e) for e in events)
-        backoff = 0.1
-        while True:
-            try:
-                await self._store.upsert_tasks(rows)
-                self._metrics.commits.inc()
-                self._metrics.rows.inc(len(rows))
-                return
-            except Exception as exc:
-                if permanent(exc) and len(rows) > 1:
-                    # A row the database refuses must not hold back the others' callbacks.
-                    for row in rows:
-                        await self._persist_one(row)
-                    return
-                if permanent(exc):
-                    self._metrics.refused_rows.inc()
-                    log.error("sensitive row of %s refused: %s", rows[0].task_id, exc)
-                    return
-                self._metrics.write_failures.inc()
-                log.warning("sensitive callbacks wait: database write failed (%s)", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        try:
+            await until_done(
+                partial(self._store.upsert_tasks, rows), what="sensitive group commit",
+                give_up=permanent, on_failure=lambda _exc: self._metrics.write_failures.inc(),
+            )  # fmt: skip
+        except Exception:
+            # A row the database refuses must not hold back the others' callbacks.
+            for row in rows:
+                await self._persist_one(row)
+            return
+        self._metrics.commits.inc()
+        self._metrics.rows.inc(len(rows))
 
     async def _persist_one(self, row: TaskRow) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._store.upsert_task_one(row)
-                return
-            except Exception as exc:
-                if permanent(exc):
-                    self._metrics.refused_rows.inc()
-                    log.error("sensitive row of %s refused: %s", row.task_id, exc)
-                    return
-                log.warning("sensitive callbacks wait: database write failed (%s)", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        try:
+            await until_done(
+                partial(self._store.upsert_task_one, row), what="sensitive write",
+                give_up=permanent,
+            )  # fmt: skip
+        except Exception as exc:
+            self._metrics.refused_rows.inc()
+            log.error("sensitive row of %s refused: %s", row.task_id, exc)
 
     def _lane(self, client: str) -> Lane:
         lane = self._lanes.get(client)
@@ -288,16 +278,9 @@ class Notifier:
             return True
 
     async def _to_outbox(self, callbacks: list[Callback], error: str) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._outbox.enqueue(callbacks, error)
-                self._metrics.callbacks.labels(result="outboxed").inc(len(callbacks))
-                return
-            except Exception as exc:  # database down: the events stay unacked meanwhile
-                log.warning("cannot write the callback outbox (%s); retrying", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        # The database down: the events stay unacked (and kept alive) meanwhile.
+        await until_done(partial(self._outbox.enqueue, callbacks, error), what="callback outbox")
+        self._metrics.callbacks.labels(result="outboxed").inc(len(callbacks))
 
     async def _stop_lanes(self) -> None:
         for lane in self._lanes.values():

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
 LoopFactory = Callable[[], Awaitable[None]]
+T = TypeVar("T")
 
 
 class Supervisor:
@@ -64,3 +66,32 @@ class Supervisor:
         """Return when every loop has finished (they normally run until stopped)."""
         if self._tasks:
             await asyncio.wait(self._tasks.values())
+
+
+async def until_done(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    first_s: float = 0.1,
+    max_s: float = 5.0,
+    give_up: Callable[[Exception], bool] = lambda _exc: False,
+    on_failure: Callable[[Exception], None] | None = None,
+) -> T:
+    """Run `attempt` until it succeeds, backing off exponentially between failures.
+
+    For work that must not be dropped while a server is away (a report, a database write):
+    the caller waits, and JetStream keeps the backlog. An error for which `give_up` is true
+    is raised at once instead: retrying cannot fix it.
+    """
+    backoff = first_s
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if give_up(exc):
+                raise
+            if on_failure is not None:
+                on_failure(exc)
+            log.warning("%s failed (%s); retrying in %.1fs", what, exc, backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, max_s)
