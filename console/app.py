@@ -25,9 +25,9 @@ from litestar.response import Template
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.template.config import TemplateConfig
 
-from mesh.config import Settings
-from mesh.store.store import Store
-from mesh.up import OPERATOR_LOGIN, redact
+from tidegate.config import Settings
+from tidegate.endpoints import OPERATOR_LOGIN, redact
+from tidegate.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,16 @@ async def nats_reachable(url: str, timeout: float = CHECK_TIMEOUT_S) -> bool:
             nats.connect(
                 # max_reconnect_attempts=0 would retry the first connect forever (nats-py
                 # 2.16); 1 means "one try", then NoServersError.
-                url, name="tidegate-console-health", connect_timeout=timeout,
-                allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
+                url,
+                name="tidegate-console-health",
+                connect_timeout=timeout,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
                 error_cb=quiet,
             ),
             timeout * 2,
-        )  # fmt: skip
+        )
     except Exception:
         return False
     await nc.close()
@@ -114,15 +118,16 @@ async def index(state: State) -> Template:
 
 
 def templates_dir() -> Path:
-    return Path(str(files("templates")))
+    return Path(str(files("tidegate.templates")))
 
 
 def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # wait=False: the console starts (and /health says so) while the database is down.
-        store = Store(settings.connection.database_url, min_size=1, max_size=4,
-                      name="tidegate-console")  # fmt: skip
+        store = Store(
+            settings.connection.database_url, min_size=1, max_size=4, name="tidegate-console"
+        )
         await store.open(wait=False)
         app.state.store = store
         try:

@@ -25,19 +25,19 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from executor import tasklogs
-from executor.process import ProcessLimits, run_process
-from mesh import names
-from mesh.config import ExecutorSettings, Limits
-from mesh.metrics import ExecutorMetrics
-from mesh.publish import Outgoing, Publisher
-from mesh.pull import first_message, take_available
-from mesh.store.rows import ClientRecord
-from mesh.supervise import until_done
-from mesh.topology import Buckets, ensure_work_consumer
-from mesh.wire import (
+from tidegate import names
+from tidegate.bus.publish import Outgoing, Publisher
+from tidegate.bus.pull import first_message, take_available
+from tidegate.bus.topology import Buckets, ensure_work_consumer
+from tidegate.config import ExecutorSettings, Limits
+from tidegate.executor import tasklogs
+from tidegate.executor.process import ProcessLimits, run_process
+from tidegate.metrics import ExecutorMetrics
+from tidegate.supervise import until_done
+from tidegate.wire import (
     FINISHED_BY_STATE,
     AnyEvent,
+    ClientRecord,
     Heartbeat,
     Running,
     RunningTask,
@@ -71,11 +71,17 @@ def default_executor_id() -> str:
 
 class Executor:
     def __init__(
-        self, js: JetStreamContext, publisher: Publisher, buckets: Buckets,
-        settings: ExecutorSettings, limits: Limits, metrics: ExecutorMetrics,
-        *, log_dir: Path | None = None,
+        self,
+        js: JetStreamContext,
+        publisher: Publisher,
+        buckets: Buckets,
+        settings: ExecutorSettings,
+        limits: Limits,
+        metrics: ExecutorMetrics,
+        *,
+        log_dir: Path | None = None,
         clients: Callable[[str], ClientRecord | None] = lambda _name: None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._js = js
         self._publisher = publisher
         self._buckets = buckets
@@ -91,9 +97,10 @@ class Executor:
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self._process_limits = ProcessLimits(
-            kill_grace_s=settings.kill_grace_s, log_max_bytes=settings.log_max_bytes,
+            kill_grace_s=settings.kill_grace_s,
+            log_max_bytes=settings.log_max_bytes,
             log_tail_bytes=settings.log_tail_bytes,
-        )  # fmt: skip
+        )
         metrics.slots.set(settings.slots)
 
     # -- fetching ---------------------------------------------------------------------------
@@ -170,9 +177,11 @@ class Executor:
                 # work message. The report above is fenced by its attempt number anyway.
                 log.warning(
                     "task %s attempt %d: no progress sent for over %.0fs; not acking, "
-                    "another executor may run it", item.task_id, slot.attempt,
+                    "another executor may run it",
+                    item.task_id,
+                    slot.attempt,
                     self._limits.work_ack_wait_s,
-                )  # fmt: skip
+                )
             self._metrics.finished.labels(state=event.state).inc()
             log.info("task %s attempt %d: %s", item.task_id, slot.attempt, event.state)
         except asyncio.CancelledError:
@@ -202,10 +211,15 @@ class Executor:
     def _finished(self, slot: Slot, state: str, **fields: Any) -> AnyEvent:
         item = slot.item
         event = FINISHED_BY_STATE[state](
-            task_id=item.task_id, client=item.client, key=item.spec.key, attempt=slot.attempt,
-            submitted_at=item.submitted_at, executor=self.id,
-            sensitive=self._sensitive(item), **fields,
-        )  # fmt: skip
+            task_id=item.task_id,
+            client=item.client,
+            key=item.spec.key,
+            attempt=slot.attempt,
+            submitted_at=item.submitted_at,
+            executor=self.id,
+            sensitive=self._sensitive(item),
+            **fields,
+        )
         return cast(AnyEvent, event)
 
     async def _execute(self, msg: Msg, slot: Slot) -> AnyEvent:
@@ -213,11 +227,14 @@ class Executor:
         if attempt > item.spec.max_attempts:
             at = now()
             return self._finished(
-                slot, "lost", at=at, finished_at=at,
+                slot,
+                "lost",
+                at=at,
+                finished_at=at,
                 reason=f"gave up: delivered {attempt} times, over its limit of "
                 f"{item.spec.max_attempts} attempts (its executors died, were cut off, or "
                 "handed it back when stopping)",
-            )  # fmt: skip
+            )
         if await self._cancel_requested(item.task_id):
             at = now()
             return self._finished(
@@ -226,21 +243,37 @@ class Executor:
         if self._sensitive(item):
             # A sensitive client hears of every transition; others see `running` through
             # the heartbeats, which cost no event per task.
-            await self._report(Running(
-                task_id=item.task_id, client=item.client, key=item.spec.key, attempt=attempt,
-                submitted_at=item.submitted_at, executor=self.id, at=now(),
-                started_at=slot.started_at, sensitive=True,
-            ))  # fmt: skip
+            await self._report(
+                Running(
+                    task_id=item.task_id,
+                    client=item.client,
+                    key=item.spec.key,
+                    attempt=attempt,
+                    submitted_at=item.submitted_at,
+                    executor=self.id,
+                    at=now(),
+                    started_at=slot.started_at,
+                    sensitive=True,
+                )
+            )
         result = await run_process(
-            item.spec, limits=self._process_limits, base_env=os.environ,
-            log_path=self._log_path(slot), cancel=slot.cancel,
+            item.spec,
+            limits=self._process_limits,
+            base_env=os.environ,
+            log_path=self._log_path(slot),
+            cancel=slot.cancel,
             cancel_reason=lambda: slot.cancel_reason,
-        )  # fmt: skip
+        )
         return self._finished(
-            slot, result.outcome, at=result.finished_at, exit_code=result.exit_code,
-            reason=result.reason, log_tail=result.log_tail, started_at=result.started_at,
+            slot,
+            result.outcome,
+            at=result.finished_at,
+            exit_code=result.exit_code,
+            reason=result.reason,
+            log_tail=result.log_tail,
+            started_at=result.started_at,
             finished_at=result.finished_at,
-        )  # fmt: skip
+        )
 
     def _log_path(self, slot: Slot) -> Path | None:
         if self._log_dir is None:
@@ -266,9 +299,10 @@ class Executor:
     async def _report(self, event: AnyEvent) -> None:
         """Publish an event until JetStream acknowledges it (a timeout is retried, same id)."""
         out = Outgoing(
-            subject=names.event_subject(event.client), payload=encode(event),
+            subject=names.event_subject(event.client),
+            payload=encode(event),
             msg_id=event.event_id,
-        )  # fmt: skip
+        )
         await until_done(
             partial(self._publisher.publish, out), what=f"reporting {event.event_id}", first_s=0.2
         )
@@ -295,17 +329,29 @@ class Executor:
     def snapshot(self) -> bytes:
         running = [
             RunningTask(
-                task_id=s.item.task_id, client=s.item.client, key=s.item.spec.key,
-                attempt=s.attempt, pool=s.item.pool, started_at=s.started_at,
+                task_id=s.item.task_id,
+                client=s.item.client,
+                key=s.item.spec.key,
+                attempt=s.attempt,
+                pool=s.item.pool,
+                started_at=s.started_at,
                 submitted_at=s.item.submitted_at,
             )
             for s in self.running.values()
-        ]  # fmt: skip
-        return encode(Heartbeat(
-            executor=self.id, host=socket.gethostname(), pid=os.getpid(),
-            pools=[self._settings.pool], slots=self._settings.slots, running=running,
-            load=os.getloadavg()[0], at=now(), draining=self.draining,
-        ))  # fmt: skip
+        ]
+        return encode(
+            Heartbeat(
+                executor=self.id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                pools=[self._settings.pool],
+                slots=self._settings.slots,
+                running=running,
+                load=os.getloadavg()[0],
+                at=now(),
+                draining=self.draining,
+            )
+        )
 
     async def heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
-from executor.agent import Executor
-from executor.tasklogs import prune_loop
-from mesh.clients import decode_client
-from mesh.config import Settings
-from mesh.kvwatch import KvMirror
-from mesh.metrics import ExecutorMetrics, serve
-from mesh.natsconn import connect
-from mesh.publish import Publisher
-from mesh.store.rows import ClientRecord
-from mesh.supervise import Supervisor
-from mesh.topology import ensure_all
+from tidegate.bus.clients import decode_client
+from tidegate.bus.kvwatch import KvMirror
+from tidegate.bus.natsconn import connect
+from tidegate.bus.publish import Publisher
+from tidegate.bus.topology import ensure_all
+from tidegate.config import Settings
+from tidegate.executor.agent import Executor
+from tidegate.executor.tasklogs import prune_loop
+from tidegate.metrics import ExecutorMetrics, serve
+from tidegate.supervise import Supervisor
+from tidegate.wire import ClientRecord
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +32,15 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
     log_dir = conn.data_dir / "task-logs"
     clients: KvMirror[ClientRecord] = KvMirror(buckets.clients, decode_client, name="clients")
     agent = Executor(
-        js, publisher, buckets, ex, settings.limits, metrics,
-        log_dir=log_dir, clients=clients.get,
-    )  # fmt: skip
+        js,
+        publisher,
+        buckets,
+        ex,
+        settings.limits,
+        metrics,
+        log_dir=log_dir,
+        clients=clients.get,
+    )
 
     async def watch_cancels() -> None:
         watcher = await buckets.cancel.watchall()
@@ -58,9 +63,3 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
     await agent.forget()
     await publisher.close()
     await nc.drain()
-
-
-def install_stop_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)

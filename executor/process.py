@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Final, Literal
 
-from mesh.wire import TaskSpec
+from tidegate.wire import TaskSpec
 
 Outcome = Literal["succeeded", "failed", "timed_out", "cancelled"]
 

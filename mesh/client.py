@@ -16,11 +16,11 @@ from types import TracebackType
 
 from nats.aio.client import Client as NATS
 
-from mesh import names
-from mesh.errors import InvalidTask, SubmitError
-from mesh.natsconn import connect
-from mesh.publish import Outgoing, PubAck, Publisher
-from mesh.wire import NAME_RE, TaskSpec, decode_spec, encode, task_id
+from tidegate import names
+from tidegate.bus.natsconn import connect
+from tidegate.bus.publish import Outgoing, PubAck, Publisher
+from tidegate.errors import InvalidTask, SubmitError
+from tidegate.wire import NAME_RE, TaskSpec, decode_spec, encode, task_id
 
 DEFAULT_MAX_TASK_BYTES = 64 * 1024
 
@@ -34,9 +34,15 @@ class Receipt:
 
 class TidegateClient:
     def __init__(
-        self, nc: NATS, client: str, *, timeout: float = 5.0, retries: int = 3,
-        max_task_bytes: int = DEFAULT_MAX_TASK_BYTES, owns_connection: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        nc: NATS,
+        client: str,
+        *,
+        timeout: float = 5.0,
+        retries: int = 3,
+        max_task_bytes: int = DEFAULT_MAX_TASK_BYTES,
+        owns_connection: bool = False,
+    ) -> None:
         if not re.match(NAME_RE, client):
             raise InvalidTask(f"client name {client!r} must match {NAME_RE}")
         self.client = client
@@ -61,9 +67,10 @@ class TidegateClient:
                 f"task {spec.key!r} is {len(payload)} bytes; the limit is {self._max_bytes}"
             )
         return Outgoing(
-            subject=names.submit_subject(self.client), payload=payload,
+            subject=names.submit_subject(self.client),
+            payload=payload,
             msg_id=names.msg_id(self.client, spec.key),
-        )  # fmt: skip
+        )
 
     def _receipt(self, spec: TaskSpec, ack: PubAck) -> Receipt:
         return Receipt(task_id=task_id(self.client, spec.key), seq=ack.seq, duplicate=ack.duplicate)
@@ -92,9 +99,10 @@ class TidegateClient:
                 f"{first}); resubmitting the same keys is safe"
             ) from first
         return [
-            self._receipt(s, r) for s, r in zip(batch, results, strict=True)
+            self._receipt(s, r)
+            for s, r in zip(batch, results, strict=True)
             if isinstance(r, PubAck)
-        ]  # fmt: skip
+        ]
 
     async def close(self) -> None:
         await self._publisher.close()
@@ -105,7 +113,9 @@ class TidegateClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         await self.close()

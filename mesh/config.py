@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_type_hints
 
-from mesh.errors import ConfigError
+from tidegate.errors import ConfigError
 
 PersistMode = Literal["batch", "per-event"]
 
@@ -98,6 +98,10 @@ class Settings:
             values.update({k: v for k, v in overrides.get(f.name, {}).items() if v is not None})
             sections[f.name] = section_type(**values)
         return cls(**sections)
+
+    def replace(self, **sections: Any) -> Settings:
+        """A copy with whole sections swapped (`connection=…`)."""
+        return dataclasses.replace(self, **sections)
 
 
 def _from_env(section: type[T], env: Mapping[str, str]) -> dict[str, Any]:

@@ -1,26 +1,52 @@
-"""One exception root for Tidegate; every message says what to do about it."""
+"""One exception root for Tidegate; every message says what to do about it.
+
+Each class carries the command line's exit code for it (`exit_code`): 2 for bad usage or
+invalid input (the caller can fix the call), 1 for everything else.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class TidegateError(Exception):
     """Root of every error Tidegate raises on purpose."""
 
+    exit_code: ClassVar[int] = 1
 
-class ConfigError(TidegateError):
+
+class BadInput(TidegateError):
+    """The caller gave something Tidegate cannot use; fixing the call fixes it."""
+
+    exit_code = 2
+
+
+class ConfigError(BadInput):
     """A setting is missing or malformed; fix the environment variable or flag it names."""
 
 
-class InvalidTask(TidegateError):
+class UsageError(BadInput):
+    """A command or query was given a value it cannot use; the message says which."""
+
+
+class InvalidTask(BadInput):
     """A submitted task breaks the schema; the message is the reason sent back to the client."""
 
 
-class UnknownClient(TidegateError):
+class UnknownClient(BadInput):
     """A task or command names an unregistered client (register: `tidegate client add NAME`)."""
+
+
+class MissingExtra(TidegateError):
+    """A command needs an optional part of Tidegate that is not installed; install the extra."""
 
 
 class SubmitError(TidegateError):
     """No PubAck for a task: it may or may not be stored; resubmit the same key (it is safe)."""
+
+
+class BufferFull(SubmitError):
+    """The stream is at its size limit (discard=new); back off and resubmit the same keys."""
 
 
 class StoreError(TidegateError):
@@ -41,7 +67,3 @@ class EmbeddedServerError(TidegateError):
 
 class TopologyError(TidegateError):
     """A JetStream stream or consumer exists with settings that cannot be changed in place."""
-
-
-class UsageError(TidegateError):
-    """A command or query was given a value it cannot use; the message says which."""

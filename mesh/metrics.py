@@ -23,25 +23,34 @@ class DriverMetrics:
             "tidegate_tasks_routed", "Tasks routed to a pool", ["pool", "task_class"], registry=r
         )
         self.rejected = Counter(
-            "tidegate_tasks_rejected", "Submissions rejected, by kind of reason", ["reason"],
+            "tidegate_tasks_rejected",
+            "Submissions rejected, by kind of reason",
+            ["reason"],
             registry=r,
-        )  # fmt: skip
+        )
         self.dispatched = Counter(
-            "tidegate_tasks_dispatched", "Tasks moved to their pool's work queue", ["pool"],
+            "tidegate_tasks_dispatched",
+            "Tasks moved to their pool's work queue",
+            ["pool"],
             registry=r,
-        )  # fmt: skip
+        )
         self.backlog = Gauge(
-            "tidegate_client_backlog", "Tasks routed and waiting for their client's turn",
-            ["client"], registry=r,
-        )  # fmt: skip
+            "tidegate_client_backlog",
+            "Tasks routed and waiting for their client's turn",
+            ["client"],
+            registry=r,
+        )
         self.in_flight = Gauge(
-            "tidegate_client_in_flight", "Tasks dispatched and not finished (queued in a pool "
-            "or running)", ["client"], registry=r,
-        )  # fmt: skip
+            "tidegate_client_in_flight",
+            "Tasks dispatched and not finished (queued in a pool or running)",
+            ["client"],
+            registry=r,
+        )
         self.handoff_failures = Counter(
-            "tidegate_route_handoff_failures", "Submissions whose hand-off to the work stream "
-            "failed and will be retried", registry=r,
-        )  # fmt: skip
+            "tidegate_route_handoff_failures",
+            "Submissions whose hand-off to the work stream failed and will be retried",
+            registry=r,
+        )
         self.events = Counter(
             "tidegate_events_projected", "Events consumed by the projector", ["state"], registry=r
         )
@@ -51,35 +60,45 @@ class DriverMetrics:
         self.rows = Counter("tidegate_projection_rows", "Task rows written", registry=r)
         self.commits = Counter("tidegate_projection_commits", "Database commits", registry=r)
         self.refused_rows = Counter(
-            "tidegate_projection_refused_rows", "Rows the database refused for their content "
-            "(logged with the task id, not projected)", registry=r,
-        )  # fmt: skip
+            "tidegate_projection_refused_rows",
+            "Rows the database refused for their content (logged with the task id, not projected)",
+            registry=r,
+        )
         self.write_failures = Counter(
             "tidegate_projection_write_failures", "Failed projection writes (retried)", registry=r
         )
         self.batch_size = Histogram(
-            "tidegate_projection_batch_rows", "Rows per projection commit",
-            buckets=BATCH_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.coalesced = Counter(
-            "tidegate_projection_coalesced", "Transitions merged into another row write",
+            "tidegate_projection_batch_rows",
+            "Rows per projection commit",
+            buckets=BATCH_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
+        self.coalesced = Counter(
+            "tidegate_projection_coalesced",
+            "Transitions merged into another row write",
+            registry=r,
+        )
         self.callbacks = Counter(
-            "tidegate_callbacks", "Callbacks delivered at once or written to the outbox",
-            ["result"], registry=r,
-        )  # fmt: skip
+            "tidegate_callbacks",
+            "Callbacks delivered at once or written to the outbox",
+            ["result"],
+            registry=r,
+        )
         self.retries = Counter(
-            "tidegate_callback_retries", "Outbox retries: delivered, failed again, dead-lettered",
-            ["result"], registry=r,
-        )  # fmt: skip
+            "tidegate_callback_retries",
+            "Outbox retries: delivered, failed again, dead-lettered",
+            ["result"],
+            registry=r,
+        )
         self.executors = Gauge(
             "tidegate_executors_alive", "Executors with a live heartbeat", registry=r
         )
         self.heartbeat_age = Gauge(
-            "tidegate_executor_heartbeat_age_seconds", "Seconds since each executor's heartbeat",
-            ["executor"], registry=r,
-        )  # fmt: skip
+            "tidegate_executor_heartbeat_age_seconds",
+            "Seconds since each executor's heartbeat",
+            ["executor"],
+            registry=r,
+        )
         self.running = Gauge(
             "tidegate_running_tasks", "Tasks running, from executor heartbeats", registry=r
         )
@@ -102,8 +121,9 @@ class ExecutorMetrics:
         )
         self.heartbeat_age = Gauge(
             "tidegate_executor_heartbeat_age_seconds",
-            "Seconds since this executor's last heartbeat was stored", registry=r,
-        )  # fmt: skip
+            "Seconds since this executor's last heartbeat was stored",
+            registry=r,
+        )
 
 
 def serve(registry: CollectorRegistry, port: int) -> tuple[WSGIServer, int]:

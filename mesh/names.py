@@ -10,7 +10,7 @@ import hashlib
 import re
 from typing import Final
 
-from mesh.wire import NAME_RE, TaskClass
+from tidegate.wire import NAME_RE, TaskClass
 
 # Streams ------------------------------------------------------------------------------------
 TASKS_STREAM: Final = "TG_TASKS"  # submissions, a work queue drained by the drivers' route step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -49,8 +50,11 @@ class Supervisor:
                 self.restarts[name] += 1
                 log.exception(
                     "%s: loop %s crashed (restart #%d in %.1fs)",
-                    self.owner, name, self.restarts[name], backoff,
-                )  # fmt: skip
+                    self.owner,
+                    name,
+                    self.restarts[name],
+                    backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
 
@@ -95,3 +99,10 @@ async def until_done(
             log.warning("%s failed (%s); retrying in %.1fs", what, exc, backoff)
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, max_s)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set `stop`: a component then stops in its own order (drain first)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

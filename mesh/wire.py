@@ -14,7 +14,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from mesh.errors import InvalidTask
+from tidegate.errors import InvalidTask
 
 # A name that is also a single NATS subject token and a KV key (clients, pools).
 NAME_RE: Final = r"\A[A-Za-z0-9_-]{1,64}\Z"  # \Z: `$` would let a trailing newline in
@@ -270,3 +270,27 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
 
 def encode(msg: Struct) -> bytes:
     return msgspec.json.encode(msg)
+
+
+# --- client registry ---------------------------------------------------------------------------
+
+
+class ClientRecord(Struct, frozen=True, kw_only=True):
+    """A row of `clients`, also the JSON mirrored into the clients KV bucket.
+
+    The database's CHECK constraints are the authority; the annotations repeat them so that a
+    KV watcher decoding this JSON rejects the same values.
+    """
+
+    name: Name
+    sensitive: bool = False
+    callback_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
+    callback_nats: bool = False
+    callback_secret: str | None = None
+    max_running: Annotated[int, Meta(ge=0)] | None = None
+    max_submit_per_s: Annotated[float, Meta(gt=0)] | None = None
+    default_pool: Name = "default"
+    paused: bool = False
+    callback_batch_max: Annotated[int, Meta(ge=1, le=1000)] = 1  # >1: callbacks as JSON arrays
+    created_at: datetime | None = None  # set by the database
+    updated_at: datetime | None = None

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from harness import CLIENTS, Cluster, register
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from mesh.embedded import EmbeddedNats, EmbeddedPostgres
-from mesh.store.migrate import migrate
-from mesh.store.rows import ClientRecord
-from tests.harness import CLIENTS, Cluster, register
+from tidegate.embedded.servers import EmbeddedNats, EmbeddedPostgres
+from tidegate.store.migrate import migrate
+from tidegate.wire import ClientRecord
 
 
 @pytest.fixture(scope="session")

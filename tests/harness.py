@@ -1,4 +1,4 @@
-"""Real processes for integration tests: drivers and executors as `python -m mesh.cli …`."""
+"""Real processes for integration tests: drivers and executors as `python -m tidegate …`."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mesh.clients import publish_client
-from mesh.config import Settings
-from mesh.natsconn import connect
-from mesh.store.rows import ClientRecord
-from mesh.store.store import Store
-from mesh.topology import ensure_all
+from tidegate.bus.clients import publish_client
+from tidegate.bus.natsconn import connect
+from tidegate.bus.topology import ensure_all
+from tidegate.config import Settings
+from tidegate.store.store import Store
+from tidegate.wire import ClientRecord
 
 # Short timings so fault tests finish in seconds, not minutes.
 FAST_ENV = {
@@ -46,9 +46,12 @@ class Component:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli", *self.argv],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            [sys.executable, "-m", "tidegate", *self.argv],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
         return self
 
@@ -128,9 +131,12 @@ class Cluster:
 
 def cli(env: dict[str, str], *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mesh.cli", *argv], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "tidegate", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
 
 
 async def wait_for(
@@ -182,3 +188,26 @@ def metric(text: str, name: str) -> float:
         for line in text.splitlines()
         if line.startswith(name + " ") or line.startswith(name + "{")
     )
+
+
+# The keys of one mode in `tidegate bench flood --json`: a stable shape.
+MODE_KEYS = {
+    "persist",
+    "tasks",
+    "submitted",
+    "duplicates",
+    "submit_s",
+    "submit_per_s",
+    "terminal_s",
+    "tasks_per_s",
+    "terminal",
+    "succeeded",
+    "completed",
+    "commits",
+    "poller_commits",
+    "commits_per_task",
+    "peak_commits_per_s",
+    "rows_written",
+    "rows_per_task",
+    "error",
+}

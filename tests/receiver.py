@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from mesh.callbacks.payload import Callback
+from tidegate.driver.callbacks.payload import Callback
 
 
 @dataclass(frozen=True)

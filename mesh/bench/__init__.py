@@ -7,18 +7,26 @@ every task is terminal in the database, and how many transactions the database c
 
 The modules: `model` (config and result structs), `stack` (the private servers and processes),
 `measure` (commit counter, poller, table statistics; what the figures are worth), `flood` (one
-mode's run), `run` (every mode, cleanup), `report` (table, JSON) and `cli` (argparse).
+mode's run), `run` (every mode, cleanup), and `report`
+(table, JSON); the command line is `tidegate.cli.bench`.
 """
 
-from mesh.bench.cli import add_bench_commands, cmd_bench_flood, main
-from mesh.bench.flood import client_names, flood_specs
-from mesh.bench.measure import peak_rate
-from mesh.bench.model import MODES, BenchError, FloodConfig, FloodReport, ModeResult
-from mesh.bench.report import format_table
-from mesh.bench.run import run_flood, run_mode
+from tidegate.bench.flood import client_names, flood_specs
+from tidegate.bench.measure import peak_rate
+from tidegate.bench.model import MODES, BenchError, FloodConfig, FloodReport, ModeResult
+from tidegate.bench.report import format_table
+from tidegate.bench.run import run_flood, run_mode
 
 __all__ = [
-    "MODES", "BenchError", "FloodConfig", "FloodReport", "ModeResult", "add_bench_commands",
-    "client_names", "cmd_bench_flood", "flood_specs", "format_table", "main", "peak_rate",
-    "run_flood", "run_mode",
-]  # fmt: skip
+    "MODES",
+    "BenchError",
+    "FloodConfig",
+    "FloodReport",
+    "ModeResult",
+    "client_names",
+    "flood_specs",
+    "format_table",
+    "peak_rate",
+    "run_flood",
+    "run_mode",
+]

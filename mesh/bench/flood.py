@@ -13,19 +13,18 @@ import psycopg
 from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError, NotFoundError
 
-from mesh import names
-from mesh.bench.measure import CommitMeter, Poller, peak_rate, table_stats
-from mesh.bench.model import COMMAND, POOL, BenchError, FloodConfig, ModeResult
-from mesh.bench.stack import Stack
-from mesh.client import TidegateClient
-from mesh.clients import publish_client
-from mesh.config import PersistMode, Settings
-from mesh.natsconn import connect
-from mesh.store.migrate import migrate
-from mesh.store.rows import ClientRecord
-from mesh.store.store import Store
-from mesh.topology import ensure_all
-from mesh.wire import TaskSpec
+from tidegate import names
+from tidegate.bench.measure import CommitMeter, Poller, peak_rate, table_stats
+from tidegate.bench.model import COMMAND, POOL, BenchError, FloodConfig, ModeResult
+from tidegate.bench.stack import Stack
+from tidegate.bus.clients import publish_client
+from tidegate.bus.natsconn import connect
+from tidegate.bus.topology import ensure_all
+from tidegate.client import TidegateClient
+from tidegate.config import PersistMode, Settings
+from tidegate.store.migrate import migrate
+from tidegate.store.store import Store
+from tidegate.wire import ClientRecord, TaskSpec
 
 log = logging.getLogger("tidegate.bench")
 
@@ -65,9 +64,15 @@ async def flood_stack(
             stack.spawn("driver", "driver", "--persist", mode)
             for i in range(cfg.executors):
                 stack.spawn(
-                    f"executor{i}", "executor", "--pool", POOL, "--slots", str(cfg.slots),
-                    "--executor-id", f"bench-exec-{i}",
-                )  # fmt: skip
+                    f"executor{i}",
+                    "executor",
+                    "--pool",
+                    POOL,
+                    "--slots",
+                    str(cfg.slots),
+                    "--executor-id",
+                    f"bench-exec-{i}",
+                )
             await _wait_ready(stack, js, cfg.executors)
             log.info("%s: driver and %d executors ready; flooding", mode, cfg.executors)
             await _run_flood(stack, js, cfg, mode, meter, result)
@@ -146,8 +151,9 @@ async def _wait_terminal(
             return round(loop.time() - started, 3)
         stack.check_children()
         if loop.time() > deadline:
-            log.warning("%s: deadline: %d of %d tasks terminal after %.0fs", mode, done, want,
-                        timeout)  # fmt: skip
+            log.warning(
+                "%s: deadline: %d of %d tasks terminal after %.0fs", mode, done, want, timeout
+            )
             return None
         if loop.time() >= next_note:
             log.info("%s: %d/%d tasks terminal", mode, done, want)
@@ -156,9 +162,13 @@ async def _wait_terminal(
 
 
 async def _run_flood(
-    stack: Stack, js: JetStreamContext, cfg: FloodConfig, mode: str, meter: CommitMeter,
+    stack: Stack,
+    js: JetStreamContext,
+    cfg: FloodConfig,
+    mode: str,
+    meter: CommitMeter,
     result: ModeResult,
-) -> None:  # fmt: skip
+) -> None:
     loop = asyncio.get_running_loop()
     specs = flood_specs(cfg.tasks, cfg.clients)
     clients = [await TidegateClient.connect(stack.nats_url, n) for n in client_names(cfg.clients)]

@@ -24,9 +24,9 @@ from typing import Final
 import psycopg
 from psycopg.rows import TupleRow
 
-from mesh.bench.model import ModeResult
-from mesh.bench.stack import DB_NAME
-from mesh.wire import TERMINAL_STATES
+from tidegate.bench.model import ModeResult
+from tidegate.bench.stack import DB_NAME
+from tidegate.wire import TERMINAL_STATES
 
 SAMPLE_S: Final = 0.5
 PEAK_WINDOW_S: Final = 1.0

@@ -6,8 +6,8 @@ from typing import Final
 
 import msgspec
 
-from mesh.config import PersistMode
-from mesh.errors import TidegateError
+from tidegate.config import PersistMode
+from tidegate.errors import TidegateError
 
 MODES: Final[tuple[PersistMode, ...]] = ("batch", "per-event")
 POOL: Final = "default"

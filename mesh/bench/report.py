@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from mesh.bench.model import FloodReport
+from tidegate.bench.model import FloodReport
 
 
 def format_table(report: FloodReport) -> str:

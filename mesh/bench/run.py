@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mesh.bench.flood import flood_stack
-from mesh.bench.model import MODES, FloodConfig, FloodReport, ModeResult
-from mesh.bench.stack import Stack
-from mesh.config import PersistMode
+from tidegate.bench.flood import flood_stack
+from tidegate.bench.model import MODES, FloodConfig, FloodReport, ModeResult
+from tidegate.bench.stack import Stack
+from tidegate.config import PersistMode
 
 log = logging.getLogger("tidegate.bench")
 

@@ -17,9 +17,9 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from mesh.bench.model import BenchError
-from mesh.children import kill_trees, signal_alive, spawn_component
-from mesh.embedded import EmbeddedNats, EmbeddedPostgres
+from tidegate.bench.model import BenchError
+from tidegate.embedded.children import kill_trees, signal_alive, spawn_component
+from tidegate.embedded.servers import EmbeddedNats, EmbeddedPostgres
 
 log = logging.getLogger("tidegate.bench")
 
@@ -106,8 +106,7 @@ class Stack:
         """After `stop_children`: say which child did not exit cleanly (its log tells why)."""
         for c in self.children:
             if c.proc.returncode not in (0, None):
-                log.warning("%s exited with code %s; see %s", c.name, c.proc.returncode,
-                            c.log_path)  # fmt: skip
+                log.warning("%s exited with code %s; see %s", c.name, c.proc.returncode, c.log_path)
 
     def close(self) -> None:
         """Stop everything; each step runs even if an earlier one failed."""

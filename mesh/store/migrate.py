@@ -14,8 +14,8 @@ from importlib.resources import files
 
 import psycopg
 
-from mesh.errors import MigrationError
-from mesh.store.queries import Q
+from tidegate.errors import MigrationError
+from tidegate.store.queries import Q
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Migration:
     sql: str
 
 
-def available(package: str = "migrations") -> list[Migration]:
+def available(package: str = "tidegate.migrations") -> list[Migration]:
     """The package's `NNNN_*.sql` files in order; two files with one number is an error."""
     found: dict[str, Migration] = {}
     for entry in files(package).iterdir():
@@ -44,7 +44,7 @@ def available(package: str = "migrations") -> list[Migration]:
     return [found[n] for n in sorted(found)]
 
 
-async def migrate(conninfo: str, *, package: str = "migrations") -> list[str]:
+async def migrate(conninfo: str, *, package: str = "tidegate.migrations") -> list[str]:
     """Apply every migration not yet applied; return the versions applied by this call."""
     pending = available(package)
     try:

@@ -67,4 +67,4 @@ def load(text: str) -> Queries:
     return Queries(**parsed)
 
 
-Q: Final = load(files("mesh.store").joinpath("queries.sql").read_text(encoding="utf-8"))
+Q: Final = load(files("tidegate.store").joinpath("queries.sql").read_text(encoding="utf-8"))

@@ -1,5 +1,5 @@
 """The store's rows: what is written to `tasks` and how a batch is coalesced, and the records
-read back (`TaskRecord`, `ClientRecord`).
+read back (`TaskRecord`).
 
 Pure logic. `merge` is the monotone upsert of `queries.sql` (`upsert_tasks`) in Python, so
 `coalesce` can fold many transitions of a task into the one row the database would end up with
@@ -12,18 +12,17 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, TypedDict, assert_never
+from typing import Any, TypedDict, assert_never
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Struct
 
-from mesh.wire import (
+from tidegate.wire import (
     STATE_RANK,
     AnyEvent,
     Dispatched,
     Finished,
     Heartbeat,
-    Name,
     Queued,
     Running,
     TaskSpec,
@@ -245,27 +244,6 @@ class TaskRecord(Struct, frozen=True, kw_only=True):
     labels: dict[str, str] | None
     priority: int | None
     max_attempts: int | None
-
-
-class ClientRecord(Struct, frozen=True, kw_only=True):
-    """A row of `clients`, also the JSON mirrored into the clients KV bucket.
-
-    The database's CHECK constraints are the authority; the annotations repeat them so that a
-    KV watcher decoding this JSON rejects the same values.
-    """
-
-    name: Name
-    sensitive: bool = False
-    callback_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
-    callback_nats: bool = False
-    callback_secret: str | None = None
-    max_running: Annotated[int, Meta(ge=0)] | None = None
-    max_submit_per_s: Annotated[float, Meta(gt=0)] | None = None
-    default_pool: Name = "default"
-    paused: bool = False
-    callback_batch_max: Annotated[int, Meta(ge=1, le=1000)] = 1  # >1: callbacks as JSON arrays
-    created_at: datetime | None = None  # set by the database
-    updated_at: datetime | None = None
 
 
 class ClientChanges(TypedDict, total=False):

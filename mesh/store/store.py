@@ -19,19 +19,18 @@ import psycopg
 from psycopg.rows import TupleRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from mesh.errors import StoreError, UnknownClient, UsageError
-from mesh.store.queries import Q
-from mesh.store.rows import (
+from tidegate.errors import StoreError, UnknownClient, UsageError
+from tidegate.store.queries import Q
+from tidegate.store.rows import (
     ClientChanges,
-    ClientRecord,
     TaskRecord,
     TaskRow,
     coalesce,
     columns,
 )
-from mesh.wire import STATE_RANK
+from tidegate.wire import STATE_RANK, ClientRecord
 
-__all__ = ["ClientChanges", "ClientRecord", "Store", "TaskRecord", "TaskRow"]
+__all__ = ["ClientChanges", "Store", "TaskRecord", "TaskRow"]
 
 log = logging.getLogger(__name__)
 

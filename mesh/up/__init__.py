@@ -17,11 +17,15 @@ The modules: `prepare` (checks, schema, `demo` client), `servers`, `supervisor` 
 processes), `demo`, `announce` (endpoints.json, the banner) and `run`, which ties them together.
 """
 
-from mesh.up.announce import OPERATOR_LOGIN, redact
-from mesh.up.demo import DEMO_CLIENT, demo_loop
-from mesh.up.prepare import UpError, prepare
-from mesh.up.run import Up, run_up
+from tidegate.up.demo import DEMO_CLIENT, demo_loop
+from tidegate.up.prepare import UpError, prepare
+from tidegate.up.run import Up, run_up
 
 __all__ = [
-    "DEMO_CLIENT", "OPERATOR_LOGIN", "Up", "UpError", "demo_loop", "prepare", "redact", "run_up",
-]  # fmt: skip
+    "DEMO_CLIENT",
+    "Up",
+    "UpError",
+    "demo_loop",
+    "prepare",
+    "run_up",
+]

@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mesh.up.demo import DEMO_CLIENT
-from mesh.up.servers import Servers
-from mesh.up.supervisor import Children
-
-OPERATOR_LOGIN = "none yet (the console has no login; it listens on loopback only)"
-
-
-def redact(url: str) -> str:
-    """A connection string fit to print: the password replaced by `***`."""
-    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
+from tidegate.endpoints import OPERATOR_LOGIN, redact
+from tidegate.up.demo import DEMO_CLIENT
+from tidegate.up.servers import Servers
+from tidegate.up.supervisor import Children
 
 
 def endpoints(
-    servers: Servers, children: Children | None, *, console_url: str,
+    servers: Servers,
+    children: Children | None,
+    *,
+    console_url: str,
     metrics_ports: Mapping[str, int],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The contents of endpoints.json."""
     pids: dict[str, int | None] = {"up": os.getpid()}
     if servers.nats is not None:
@@ -48,20 +42,14 @@ def endpoints(
     }
 
 
-def write_json(path: Path, value: dict[str, Any]) -> None:
-    """Atomic, so a reader never sees half a file; private, as a URL may hold a password."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(value, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def banner(
-    servers: Servers, children: Children | None, *, console_url: str,
-    metrics_ports: Mapping[str, int], endpoints_path: Path,
-) -> str:  # fmt: skip
+    servers: Servers,
+    children: Children | None,
+    *,
+    console_url: str,
+    metrics_ports: Mapping[str, int],
+    endpoints_path: Path,
+) -> str:
     """What `up` prints once the console answers: the addresses and commands to try."""
     data_dir = servers.data_dir
     default_dir = Path("tidegate-data").resolve()

@@ -6,6 +6,9 @@ import asyncio
 import logging
 import time
 
+from tidegate.client import TidegateClient
+from tidegate.wire import TaskSpec
+
 log = logging.getLogger("tidegate.up")
 
 DEMO_CLIENT = "demo"
@@ -14,9 +17,6 @@ DEMO_INTERVAL_S = 5.0
 
 async def demo_loop(nats_url: str, interval_s: float = DEMO_INTERVAL_S) -> None:
     """Submit `echo hello from tidegate` as client `demo` every few seconds, until cancelled."""
-    from mesh.client import TidegateClient
-    from mesh.wire import TaskSpec
-
     run = time.strftime("%Y%m%dT%H%M%S")
     n = 0
     while True:
@@ -24,10 +24,14 @@ async def demo_loop(nats_url: str, interval_s: float = DEMO_INTERVAL_S) -> None:
             async with await TidegateClient.connect(nats_url, DEMO_CLIENT) as tg:
                 while True:
                     n += 1
-                    receipt = await tg.submit(TaskSpec(
-                        key=f"demo-{run}-{n}", argv=["echo", "hello from tidegate"],
-                        labels={"name": "demo"}, timeout_s=60,
-                    ))  # fmt: skip
+                    receipt = await tg.submit(
+                        TaskSpec(
+                            key=f"demo-{run}-{n}",
+                            argv=["echo", "hello from tidegate"],
+                            labels={"name": "demo"},
+                            timeout_s=60,
+                        )
+                    )
                     log.info("demo: submitted %s", receipt.task_id)
                     await asyncio.sleep(interval_s)
         except asyncio.CancelledError:

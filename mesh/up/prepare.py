@@ -10,10 +10,17 @@ import socket
 from pathlib import Path
 from typing import IO
 
-from mesh.config import Settings
-from mesh.errors import ConfigError, TidegateError
-from mesh.up.announce import redact
-from mesh.up.demo import DEMO_CLIENT
+import nats
+
+from tidegate.bus.clients import publish_client
+from tidegate.bus.topology import ensure_all
+from tidegate.config import Settings
+from tidegate.endpoints import redact
+from tidegate.errors import ConfigError, TidegateError
+from tidegate.store.migrate import migrate
+from tidegate.store.store import Store
+from tidegate.up.demo import DEMO_CLIENT
+from tidegate.wire import ClientRecord
 
 log = logging.getLogger("tidegate.up")
 
@@ -58,13 +65,6 @@ def check_port_free(port: int) -> None:
 
 async def prepare(nats_url: str, database_url: str, settings: Settings) -> None:
     """Schema, streams and the `demo` client, before any component or submission needs them."""
-    import nats
-
-    from mesh.clients import publish_client
-    from mesh.store.migrate import migrate
-    from mesh.store.store import ClientRecord, Store
-    from mesh.topology import ensure_all
-
     applied = await migrate(database_url)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))

@@ -12,15 +12,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from mesh.cli import ENDPOINTS_FILE
-from mesh.config import Settings
-from mesh.embedded import free_port
-from mesh.errors import ConfigError
-from mesh.up.announce import banner, endpoints, write_json
-from mesh.up.demo import demo_loop
-from mesh.up.prepare import check_port_free, prepare, take_lock
-from mesh.up.servers import Servers
-from mesh.up.supervisor import Children, stop_stale_children
+from tidegate.config import Settings
+from tidegate.embedded.servers import free_port
+from tidegate.endpoints import endpoints_path, write_endpoints
+from tidegate.errors import ConfigError
+from tidegate.up.announce import banner, endpoints
+from tidegate.up.demo import demo_loop
+from tidegate.up.prepare import check_port_free, prepare, take_lock
+from tidegate.up.servers import Servers
+from tidegate.up.supervisor import Children, stop_stale_children
 
 log = logging.getLogger("tidegate.up")
 
@@ -46,9 +46,10 @@ class Up:
         self.demo = demo
         self.console_port = console_port
         self.servers = Servers(
-            self.data_dir, nats_url=settings.connection.nats_url,
+            self.data_dir,
+            nats_url=settings.connection.nats_url,
             database_url=settings.connection.database_url,
-        )  # fmt: skip
+        )
         self.children: Children | None = None
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()  # a second Ctrl-C: kill the children now
@@ -59,7 +60,7 @@ class Up:
 
     @property
     def endpoints_path(self) -> Path:
-        return self.data_dir / ENDPOINTS_FILE
+        return endpoints_path(self.data_dir)
 
     @property
     def console_url(self) -> str:
@@ -118,11 +119,14 @@ class Up:
                 self._write_endpoints()
                 print(
                     banner(
-                        self.servers, self.children, console_url=self.console_url,
-                        metrics_ports=self.metrics_ports, endpoints_path=self.endpoints_path,
+                        self.servers,
+                        self.children,
+                        console_url=self.console_url,
+                        metrics_ports=self.metrics_ports,
+                        endpoints_path=self.endpoints_path,
                     ),
                     flush=True,
-                )  # fmt: skip
+                )
             await self._supervise()
         finally:
             if demo is not None:
@@ -158,10 +162,17 @@ class Up:
             name = f"exec-{i}"
             self.metrics_ports[name] = free_port()
             children.add(
-                name, "executor", "--pool", self.settings.executor.pool,
-                "--slots", str(self.slots), "--executor-id", name,
-                "--metrics-port", str(self.metrics_ports[name]),
-            )  # fmt: skip
+                name,
+                "executor",
+                "--pool",
+                self.settings.executor.pool,
+                "--slots",
+                str(self.slots),
+                "--executor-id",
+                name,
+                "--metrics-port",
+                str(self.metrics_ports[name]),
+            )
         children.add("console", "console", "--port", str(self.console_port))
         return children
 
@@ -176,8 +187,9 @@ class Up:
             if time.monotonic() > deadline:
                 log.warning(
                     "the console does not answer on %s yet; see %s",
-                    self.console_url, self.data_dir / "logs" / "console.log",
-                )  # fmt: skip
+                    self.console_url,
+                    self.data_dir / "logs" / "console.log",
+                )
                 return
             assert self.children is not None
             self.children.supervise()
@@ -221,7 +233,7 @@ class Up:
                 log.warning(
                     "nats-server has stopped; giving the components %.0fs, then killing them",
                     NO_NATS_GRACE_S,
-                )  # fmt: skip
+                )
             await asyncio.sleep(0.1)
         self.children.reap()
 
@@ -229,13 +241,15 @@ class Up:
         # Only once announced: the file's appearance means "ready", so tests and scripts wait
         # for it; afterwards a restarted child's new pid is written.
         if self.announced and not self.stopping.is_set():
-            write_json(
+            write_endpoints(
                 self.endpoints_path,
                 endpoints(
-                    self.servers, self.children, console_url=self.console_url,
+                    self.servers,
+                    self.children,
+                    console_url=self.console_url,
                     metrics_ports=self.metrics_ports,
                 ),
-            )  # fmt: skip
+            )
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mesh.children import process_alive
-from mesh.embedded import EmbeddedNats, EmbeddedPostgres
-from mesh.errors import TidegateError
+from tidegate.embedded.children import process_alive
+from tidegate.embedded.servers import EmbeddedNats, EmbeddedPostgres
+from tidegate.errors import TidegateError
 
 log = logging.getLogger("tidegate.up")
 

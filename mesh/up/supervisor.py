@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from mesh.children import kill_trees, signal_alive, spawn_component
+from tidegate.embedded.children import kill_trees, signal_alive, spawn_component
 
 log = logging.getLogger("tidegate.up")
 
@@ -29,7 +29,7 @@ class Child:
     """One supervised component process."""
 
     name: str
-    args: list[str]  # after `python -m mesh.cli`
+    args: list[str]  # after `python -m tidegate`
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -69,9 +69,11 @@ class Children:
         # Popen runs on the main thread only: PR_SET_PDEATHSIG fires when the *thread* that
         # forked the child ends, so a child started from a worker thread would die with it.
         child.proc = spawn_component(
-            child.args, env=self.env, log_path=self.log_path(child),
+            child.args,
+            env=self.env,
+            log_path=self.log_path(child),
             header=f"--- started by tidegate up at {time.strftime('%F %T')} ---\n",
-        )  # fmt: skip
+        )
         child.started_at = time.monotonic()
         (self.run_dir / f"{child.name}.pid").write_text(f"{child.proc.pid}\n")
         log.info("started %s (pid %d), log %s", child.name, child.proc.pid, self.log_path(child))
@@ -96,9 +98,14 @@ class Children:
                 log.error(
                     "%s (pid %d) DIED with exit code %s; restart #%d in %.0fs. Last lines of %s:"
                     "\n%s",
-                    child.name, child.proc.pid, code, child.restarts, child.backoff_s,
-                    self.log_path(child), _tail(self.log_path(child)),
-                )  # fmt: skip
+                    child.name,
+                    child.proc.pid,
+                    code,
+                    child.restarts,
+                    child.backoff_s,
+                    self.log_path(child),
+                    _tail(self.log_path(child)),
+                )
                 child.backoff_s = min(child.backoff_s * 2, RESTART_BACKOFF_S[1])
                 child.proc = None
             if child.proc is None and now >= child.next_start:
@@ -157,7 +164,7 @@ def stop_stale_children(data_dir: Path, grace_s: float = STALE_GRACE_S) -> list[
             cmdline = proc.cmdline()
         except (ValueError, IndexError, OSError, psutil.Error):
             cmdline = []
-        if "mesh.cli" in cmdline and str(data_dir) in cmdline:
+        if "tidegate" in cmdline and str(data_dir) in cmdline:
             log.warning(
                 "stopping %s (pid %d) left behind by an earlier run", pid_file.stem, proc.pid
             )

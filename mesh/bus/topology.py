@@ -1,0 +1,294 @@
+"""Create or update every stream, consumer and KV bucket, idempotently, at component start.
+
+Any number of drivers and executors may run this at once: `add_stream`/`add_consumer` with the
+same config are no-ops on the server, and a changed config is applied with an update.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+from tidegate import names
+from tidegate.config import Limits
+from tidegate.errors import TopologyError
+from tidegate.wire import TaskClass
+
+log = logging.getLogger(__name__)
+
+# Pending acks per consumer: the server-side cap on messages a consumer may hold unacked.
+# The projector holds a whole batch (plus the next one) before it acks.
+ROUTE_MAX_ACK_PENDING = 20_000
+PROJECTOR_MAX_ACK_PENDING = 50_000
+WORK_MAX_ACK_PENDING = 100_000
+LEASE_TTL_S = 5.0  # a lease its holder stopped renewing (it died) frees itself this fast
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        # Exists with another config (e.g. new limits): apply ours.
+        await js.update_stream(config)
+
+
+async def _ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    # Without an explicit action the server creates or updates in place (ack wait, max ack
+    # pending, ...); a change it cannot apply is refused, and an operator must decide.
+    try:
+        await js.add_consumer(stream, config)
+    except BadRequestError as exc:
+        raise TopologyError(
+            f"cannot create or update consumer {config.durable_name!r} on {stream}: "
+            f"{exc.description}. If it exists with settings that cannot change in place, "
+            f"delete it (`nats consumer rm {stream} {config.durable_name}`) while no "
+            "component runs"
+        ) from exc
+
+
+async def ensure_streams(js: JetStreamContext, limits: Limits) -> None:
+    """The three streams and the consumers every driver shares."""
+    window = limits.duplicate_window_s
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=names.TASKS_STREAM,
+            subjects=[names.SUBMIT_ALL],
+            retention=RetentionPolicy.WORK_QUEUE,
+            discard=DiscardPolicy.NEW,
+            max_bytes=limits.tasks_max_bytes,
+            max_msg_size=limits.max_task_bytes * 4,
+            storage=StorageType.FILE,
+            duplicate_window=window,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=names.READY_STREAM,
+            subjects=[names.READY_ALL],
+            retention=RetentionPolicy.WORK_QUEUE,
+            discard=DiscardPolicy.NEW,
+            max_bytes=limits.tasks_max_bytes,
+            storage=StorageType.FILE,
+            duplicate_window=window,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=names.WORK_STREAM,
+            subjects=[names.WORK_ALL],
+            retention=RetentionPolicy.WORK_QUEUE,
+            discard=DiscardPolicy.NEW,
+            max_bytes=limits.work_max_bytes,
+            storage=StorageType.FILE,
+            duplicate_window=window,
+        ),
+    )
+    # Interest retention: an event stays until every consumer (projector, notifier) acked it.
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=names.EVENTS_STREAM,
+            subjects=[names.EVENT_ALL],
+            retention=RetentionPolicy.INTEREST,
+            discard=DiscardPolicy.NEW,
+            max_bytes=limits.events_max_bytes,
+            storage=StorageType.FILE,
+            duplicate_window=window,
+        ),
+    )
+    # A work-queue stream allows no overlapping consumers: the single all-clients route
+    # consumer of earlier versions must go before the per-client ones can exist.
+    try:
+        await js.delete_consumer(names.TASKS_STREAM, names.LEGACY_ROUTE_CONSUMER)
+    except NotFoundError:
+        pass
+    await _ensure_consumer(
+        js,
+        names.EVENTS_STREAM,
+        ConsumerConfig(
+            durable_name=names.PROJECTOR_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30.0,
+            max_deliver=-1,
+            max_ack_pending=PROJECTOR_MAX_ACK_PENDING,
+            filter_subject=names.EVENT_ALL,
+        ),
+    )
+    # Created with the stream, before any event: interest retention keeps events only for
+    # consumers that exist, and no callback may be lost while no notifier runs yet.
+    await _ensure_consumer(
+        js,
+        names.EVENTS_STREAM,
+        ConsumerConfig(
+            durable_name=names.NOTIFY_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=60.0,
+            max_deliver=-1,
+            max_ack_pending=PROJECTOR_MAX_ACK_PENDING,
+            filter_subject=names.EVENT_ALL,
+        ),
+    )
+
+
+async def ensure_work_consumer(
+    js: JetStreamContext, pool: str, task_class: TaskClass, limits: Limits
+) -> str:
+    """The executors of one pool share one durable consumer per class."""
+    durable = names.work_consumer(pool, task_class)
+    await _ensure_consumer(
+        js,
+        names.WORK_STREAM,
+        ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=limits.work_ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=WORK_MAX_ACK_PENDING,
+            filter_subject=names.work_filter(pool, task_class),
+        ),
+    )
+    return durable
+
+
+async def ensure_route_consumer(js: JetStreamContext, client: str) -> str:
+    """One consumer per client on the submission stream, made when its first task arrives."""
+    durable = names.route_consumer(client)
+    await _ensure_consumer(
+        js,
+        names.TASKS_STREAM,
+        ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30.0,
+            max_deliver=-1,
+            max_ack_pending=ROUTE_MAX_ACK_PENDING,
+            filter_subject=names.submit_subject(client),
+            # A client that stops submitting leaves no consumer behind for long.
+            inactive_threshold=7 * 24 * 3600.0,
+        ),
+    )
+    return durable
+
+
+async def ensure_ready_consumer(js: JetStreamContext, client: str, pool: str) -> str:
+    """One consumer per client and pool: the dispatcher picks whose tasks go next."""
+    durable = names.ready_consumer(client, pool)
+    await _ensure_consumer(
+        js,
+        names.READY_STREAM,
+        ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30.0,
+            max_deliver=-1,
+            max_ack_pending=ROUTE_MAX_ACK_PENDING,
+            filter_subject=names.ready_subject(client, pool),
+        ),
+    )
+    return durable
+
+
+@dataclass(frozen=True)
+class Buckets:
+    executors: KeyValue
+    clients: KeyValue
+    cancel: KeyValue
+    leases: KeyValue
+    dispatch: KeyValue
+
+
+async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError:
+        # The bucket exists with other settings (say, a new heartbeat TTL): apply ours to
+        # its stream, keeping the rest of the stream's configuration.
+        kv = await js.key_value(config.bucket)
+        info = await js.stream_info(f"KV_{config.bucket}")
+        marker = config.limit_marker_ttl
+        await js.update_stream(
+            info.config.evolve(
+                max_age=config.ttl,
+                max_msgs_per_subject=config.history,
+                subject_delete_marker_ttl=marker,
+            )
+        )
+        return kv
+
+
+async def ensure_buckets(js: JetStreamContext, limits: Limits) -> Buckets:
+    executors = await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.EXECUTORS_BUCKET,
+            history=1,
+            ttl=limits.heartbeat_ttl_s,
+            storage=StorageType.MEMORY,
+            limit_marker_ttl=limits.heartbeat_ttl_s,
+        ),
+    )
+    clients = await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.CLIENTS_BUCKET,
+            history=1,
+            storage=StorageType.FILE,
+        ),
+    )
+    cancel = await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.CANCEL_BUCKET,
+            history=1,
+            ttl=7 * 24 * 3600,
+            storage=StorageType.FILE,
+        ),
+    )
+    leases = await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.LEASES_BUCKET,
+            history=1,
+            ttl=LEASE_TTL_S,
+            storage=StorageType.MEMORY,
+            limit_marker_ttl=LEASE_TTL_S,
+        ),
+    )
+    dispatch = await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.DISPATCH_BUCKET,
+            history=1,
+            storage=StorageType.MEMORY,
+        ),
+    )
+    return Buckets(
+        executors=executors, clients=clients, cancel=cancel, leases=leases, dispatch=dispatch
+    )
+
+
+async def ensure_all(js: JetStreamContext, limits: Limits) -> Buckets:
+    await ensure_streams(js, limits)
+    return await ensure_buckets(js, limits)

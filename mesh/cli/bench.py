@@ -1,0 +1,30 @@
+"""`tidegate bench flood` (the `embedded` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tidegate.bench.model import COMMAND, MODES, FloodConfig
+from tidegate.bench.report import format_json, format_table
+from tidegate.bench.run import run_flood
+from tidegate.cli.commands import Command
+
+
+def flood(args: argparse.Namespace, command: Command) -> int:
+    modes: list[str] = list(MODES) if args.persist == "both" else [args.persist]
+    cfg = FloodConfig(
+        tasks=args.tasks,
+        clients=args.clients,
+        executors=args.executors,
+        slots=args.slots,
+        persist=modes,
+        command=list(COMMAND),
+        timeout_s=args.timeout if args.timeout else 60 + args.tasks / 100,
+    )
+    report = run_flood(cfg, work_dir=args.work_dir, keep=args.keep)
+    if args.json:
+        sys.stdout.write(format_json(report) + "\n")
+    else:
+        print(format_table(report))
+    return 0 if report.ok else 1

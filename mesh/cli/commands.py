@@ -1,0 +1,96 @@
+"""The command table: each command's words, help, options, handler and the extra it needs.
+
+Handlers are named, not imported: a command's handler module imports what its extra installs
+(the driver needs psycopg, `up` the embedded servers), and `pip install tidegate` alone must
+still parse every command and say which extra a missing one needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tidegate.cli import options as o
+
+# The extra that provides each command's dependencies ("" = the base distribution).
+BASE, SERVER, CONSOLE, EMBEDDED = "", "server", "console", "embedded"
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]  # ("client", "add")
+    help: str
+    handler: str  # "module:function", imported when the command runs
+    extra: str = BASE
+    options: Sequence[o.Option] = field(default_factory=tuple)
+
+    @property
+    def name(self) -> str:
+        return "tidegate " + " ".join(self.words)
+
+
+def _h(module: str, function: str) -> str:
+    return f"tidegate.cli.{module}:{function}"
+
+
+COMMANDS: Sequence[Command] = (
+    Command(
+        ("up",),
+        "run the whole system on embedded defaults, until Ctrl-C",
+        _h("up", "up"),
+        EMBEDDED,
+        o.UP,
+    ),
+    Command(
+        ("driver",),
+        "run one driver (route, dispatch, project, notify, retry)",
+        _h("serve", "driver"),
+        SERVER,
+        o.DRIVER,
+    ),
+    Command(("executor",), "run one executor", _h("serve", "executor"), SERVER, o.EXECUTOR),
+    Command(("console",), "run the web console", _h("console", "console"), CONSOLE, o.CONSOLE),
+    Command(("migrate",), "apply the SQL migrations", _h("serve", "migrate"), SERVER),
+    Command(
+        ("client", "add"), "register a client system", _h("clients", "add"), SERVER, o.CLIENT_ADD
+    ),
+    Command(("client", "list"), "list client systems", _h("clients", "list_"), SERVER, (o.JSON,)),
+    Command(
+        ("client", "set"),
+        "change a client system (takes effect within a second)",
+        _h("clients", "set_"),
+        SERVER,
+        o.CLIENT_SET,
+    ),
+    Command(
+        ("submit",),
+        "submit a task (or --file F.jsonl), print its id",
+        _h("submit", "submit"),
+        BASE,
+        o.SUBMIT,
+    ),
+    Command(
+        ("task", "show"), "show a task's state", _h("tasks", "show"), SERVER, (o.TASK_ID, o.JSON)
+    ),
+    Command(
+        ("task", "cancel"),
+        "cancel a queued or running task",
+        _h("submit", "cancel"),
+        BASE,
+        (o.TASK_ID,),
+    ),
+    Command(("tasks",), "list tasks, newest first", _h("tasks", "list_"), SERVER, o.TASKS),
+    Command(
+        ("bench", "flood"),
+        "the midnight flood: N tasks from C clients, per persist mode",
+        _h("bench", "flood"),
+        EMBEDDED,
+        o.BENCH_FLOOD,
+    ),
+)
+
+GROUPS = {
+    "client": "manage client systems",
+    "task": "one task",
+    "bench": "benchmarks on a private, temporary stack",
+}

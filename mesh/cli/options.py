@@ -1,0 +1,253 @@
+"""Every command-line option, declared once: its flags, its help and its `TIDEGATE_…` variable.
+
+An option that maps to a setting names it (`setting="executor.slots"`); its variable is then
+the one `Settings.from_env` reads (`TIDEGATE_SLOTS`), and `--help` shows it. A flag given on
+the command line wins over the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tidegate.config import Settings
+
+ENV_PREFIX = "TIDEGATE_"
+
+
+@dataclass(frozen=True)
+class Option:
+    flags: tuple[str, ...]
+    help: str
+    setting: str | None = None  # "section.field" of `Settings` this flag overrides
+    env: str | None = None  # a variable read outside `Settings` (only `--log-level`)
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return str(self.kwargs.get("dest") or self.flags[0].lstrip("-").replace("-", "_"))
+
+    @property
+    def envvar(self) -> str | None:
+        if self.setting:
+            return ENV_PREFIX + self.setting.rpartition(".")[2].upper()
+        return self.env
+
+    def add_to(self, parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+        kwargs = dict(self.kwargs)
+        if suppress:  # a global option repeated after the command: absent means "not given"
+            kwargs["default"] = argparse.SUPPRESS
+        text = self.help + (f" [env: {self.envvar}]" if self.envvar else "")
+        parser.add_argument(*self.flags, help=text, **kwargs)
+
+
+def opt(*flags: str, help: str, setting: str | None = None, **kwargs: Any) -> Option:
+    return Option(flags=flags, help=help, setting=setting, kwargs=kwargs)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, not {value}")
+    return value
+
+
+# --- accepted before or after the command ------------------------------------------------------
+
+GLOBAL: Sequence[Option] = (
+    opt(
+        "--data-dir",
+        type=Path,
+        setting="connection.data_dir",
+        help="state directory; endpoints.json of a running `tidegate up` is read from it "
+        "(default ./tidegate-data)",
+    ),
+    opt(
+        "--nats-url",
+        setting="connection.nats_url",
+        help="NATS server(s); unset: from endpoints.json (`up`: start an embedded one)",
+    ),
+    opt(
+        "--database-url",
+        setting="connection.database_url",
+        help="PostgreSQL conninfo; unset: from endpoints.json (`up`: start an embedded one)",
+    ),
+    Option(
+        flags=("--log-level",),
+        env="TIDEGATE_LOG_LEVEL",
+        help="DEBUG, INFO (default), WARNING, ERROR",
+    ),
+)
+
+# --- per command -------------------------------------------------------------------------------
+
+JSON = opt("--json", action="store_true", help="print JSON with a stable shape")
+
+UP = (
+    opt("--executors", type=int, default=1, help="executor processes to run (0 or more)"),
+    opt("--slots", type=positive_int, default=4, help="slots per executor"),
+    opt("--console-port", type=port, default=8700, help="the console's loopback port"),
+    opt("--demo", action="store_true", help="also submit a demo task every few seconds"),
+)
+DRIVER = (
+    opt(
+        "--persist",
+        choices=["batch", "per-event"],
+        setting="driver.persist",
+        help="batch (default) or per-event: one transaction per event, for comparison",
+    ),
+    opt(
+        "--metrics-port",
+        type=port,
+        setting="driver.metrics_port",
+        help="serve /metrics on this loopback port (0: any free port)",
+    ),
+)
+EXECUTOR = (
+    opt("--pool", setting="executor.pool", help="the pool whose work this executor takes"),
+    opt("--slots", type=positive_int, setting="executor.slots", help="tasks run at once"),
+    opt("--executor-id", setting="executor.executor_id", help="its name (default host-pid)"),
+    opt(
+        "--metrics-port",
+        type=port,
+        setting="executor.metrics_port",
+        help="serve /metrics on this loopback port (0: any free port)",
+    ),
+)
+CONSOLE = (
+    opt("--host", default="127.0.0.1", help="address to listen on"),
+    opt("--port", type=port, default=8700, help="port to listen on"),
+)
+
+_LIMITS = (
+    opt("--max-running", type=int, help="cap on this client's running tasks"),
+    opt(
+        "--max-submit-rate",
+        dest="max_submit_per_s",
+        type=float,
+        help="tasks per second started from its backlog",
+    ),
+    opt("--default-pool", help="pool of its tasks that name none"),
+    opt(
+        "--callback-batch-max",
+        type=int,
+        help="callbacks per request, as a JSON array, when above 1",
+    ),
+)
+CLIENT_NAME = opt("name", help="the client system's name")
+CLIENT_ADD = (
+    CLIENT_NAME,
+    opt("--sensitive", action="store_true", help="persist every transition before its callback"),
+    opt("--callback-url", help="HTTP webhook for state callbacks"),
+    opt(
+        "--callback-nats",
+        action="store_true",
+        help="callbacks as NATS requests on tg.callback.NAME",
+    ),
+    opt(
+        "--callback-secret",
+        help="HMAC secret for X-Tidegate-Signature (default: a random one, printed)",
+    ),
+    *_LIMITS,
+)
+CLIENT_SET = (
+    CLIENT_NAME,
+    opt(
+        "--sensitive",
+        dest="sensitive",
+        action="store_true",
+        default=None,
+        help="persist every transition before its callback",
+    ),
+    opt(
+        "--no-sensitive",
+        dest="sensitive",
+        action="store_false",
+        help="terminal callbacks only, intermediate states in batches",
+    ),
+    opt("--callback-url", help="switch to HTTP callbacks at this URL"),
+    opt(
+        "--callback-nats",
+        action="store_true",
+        default=None,
+        help="switch to NATS request callbacks",
+    ),
+    opt("--callback-secret", help="new HMAC secret for X-Tidegate-Signature"),
+    opt("--pause", dest="paused", action="store_true", default=None, help="keep its tasks queued"),
+    opt("--resume", dest="paused", action="store_false", help="start its tasks again"),
+    *_LIMITS,
+)
+SUBMIT = (
+    opt("--client", required=True, help="the submitting client system"),
+    opt("--key", help="idempotency key (default: random)"),
+    opt("--pool", help="the pool to run on (default: the client's)"),
+    opt("--timeout", type=float, default=3600.0, help="seconds before the task is killed"),
+    opt("--shell", help="a command line for /bin/sh -c, instead of ARGV"),
+    opt("--cwd", help="working directory of the task"),
+    opt(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable of the task (repeatable)",
+    ),
+    opt("--label", action="append", default=[], metavar="NAME=VALUE", help="a label (repeatable)"),
+    opt("--priority", type=int, default=0, help="stored; does not reorder tasks yet"),
+    opt("--max-attempts", type=positive_int, default=3, help="deliveries before `lost`"),
+    opt("--file", help="JSON lines, one task spec per line, instead of one task"),
+    opt("argv", nargs="*", help="the command to run, after `--`"),
+)
+TASK_ID = opt("id", help="the task id, CLIENT:KEY")
+TASKS = (
+    opt("--client", help="only this client's tasks"),
+    opt("--state", help="only tasks in this state"),
+    opt("--limit", type=positive_int, default=100, help="at most this many, newest first"),
+    JSON,
+)
+BENCH_FLOOD = (
+    opt("--tasks", type=positive_int, default=20_000, help="tasks in the flood"),
+    opt("--clients", type=positive_int, default=10, help="client systems submitting them"),
+    opt("--executors", type=positive_int, default=2, help="executor processes"),
+    opt("--slots", type=positive_int, default=16, help="slots per executor"),
+    opt(
+        "--persist",
+        choices=["batch", "per-event", "both"],
+        default="both",
+        help="projection modes to measure",
+    ),
+    opt(
+        "--timeout",
+        type=float,
+        help="seconds for all tasks to finish, per mode (default: 60 + tasks/100)",
+    ),
+    opt("--work-dir", type=Path, help="parent of the temporary stack directories"),
+    opt("--keep", action="store_true", help="keep the stack's data and logs"),
+    JSON,
+)
+
+
+def settings_from(args: argparse.Namespace, options: Sequence[Option]) -> Settings:
+    """`Settings` from the environment, overridden by the flags given among `options`."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for option in (*GLOBAL, *options):
+        value = getattr(args, option.dest, None)
+        if option.setting and value is not None:
+            section, _, name = option.setting.partition(".")
+            overrides.setdefault(section, {})[name] = value
+    return Settings.from_env(**overrides)

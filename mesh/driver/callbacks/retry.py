@@ -1,0 +1,164 @@
+"""The retry job: drain the callback outbox, per client in order, from any number of drivers.
+
+Each pass takes the clients whose oldest row is due and works on them concurrently, each in its
+own transaction under that client's advisory lock (a client another driver is working on is
+skipped). Within a client, rows go out in id order; the first failure stops that client for
+this pass, so nothing overtakes a callback that is backing off. A down endpoint therefore costs
+at most one timeout per pass, and only its own client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from tidegate.driver.callbacks.outbox import Claim, Outbox, OutboxRow, next_delay
+from tidegate.driver.callbacks.transport import CallbackFailed, Transports, batch_max
+from tidegate.wire import ClientRecord
+
+log = logging.getLogger(__name__)
+
+UNREGISTERED = "client no longer registered"
+NO_TRANSPORT = "client has no callback transport any more (no URL, no NATS)"
+
+
+@dataclass
+class RetryStats:
+    delivered: int = 0
+    failed: int = 0  # attempts that failed and will be retried
+    dead: int = 0  # callbacks moved to the dead letters
+
+
+async def retry_pass(
+    outbox: Outbox,
+    transports: Transports,
+    lookup: Callable[[str], ClientRecord | None],
+    *,
+    batch_limit: int = 500,
+    budget_s: float = 10.0,
+) -> RetryStats:
+    """One pass over every client with a due callback.
+
+    `budget_s` bounds how long one client's transaction stays open: a slow but working
+    endpoint is drained over several passes instead of pinning a connection for minutes.
+    """
+    stats = RetryStats()
+    clients = await outbox.due_clients()
+    results = await asyncio.gather(
+        *(
+            _retry_client(outbox, transports, lookup, c, batch_limit, budget_s, stats)
+            for c in clients
+        ),
+        return_exceptions=True,
+    )
+    for name, result in zip(clients, results, strict=True):
+        if isinstance(result, BaseException):
+            if not isinstance(result, Exception):
+                raise result  # cancellation and the like are not ours to swallow
+            log.warning("callback retry for client %s failed: %s", name, result)
+    return stats
+
+
+async def _retry_client(
+    outbox: Outbox,
+    transports: Transports,
+    lookup: Callable[[str], ClientRecord | None],
+    name: str,
+    batch_limit: int,
+    budget_s: float,
+    stats: RetryStats,
+) -> None:
+    deadline = time.monotonic() + budget_s
+    async with outbox.claim(name, batch_limit) as claim:
+        if claim is None or not claim.rows:
+            return  # another driver has this client, or it has just drained it
+        client = lookup(name)
+        if client is None or (client.callback_url is None and not client.callback_nats):
+            # Visible in the dead letters rather than dropped: the operator may replay them.
+            for row in claim.rows:
+                claim.bury(row, UNREGISTERED if client is None else NO_TRANSPORT)
+            stats.dead += len(claim.rows)
+            return
+        sendable = [row for row in claim.rows if not _bury_if_spent(outbox, claim, row)]
+        stats.dead += len(claim.rows) - len(sendable)
+        if not sendable or not sendable[0].due:
+            return  # the head is backing off: everything behind it waits
+        step = batch_max(client)
+        for i in range(0, len(sendable), step):
+            if time.monotonic() >= deadline:
+                break
+            chunk = sendable[i : i + step]
+            try:
+                await transports.send(client, [r.callback for r in chunk])
+            except CallbackFailed as exc:
+                claim.deliver(chunk[: exc.delivered])
+                stats.delivered += exc.delivered
+                _record_failure(outbox, claim, chunk[exc.delivered], str(exc), stats)
+                return
+            claim.deliver(chunk)
+            stats.delivered += len(chunk)
+
+
+def _bury_if_spent(outbox: Outbox, claim: Claim, row: OutboxRow) -> bool:
+    """Dead-letter a row out of attempts or time before trying it again."""
+    policy = outbox.policy
+    if row.attempts >= policy.max_attempts:
+        claim.bury(row, f"gave up after {row.attempts} attempts; last error: {row.last_error}")
+        return True
+    if row.age_s > policy.max_age_s:
+        claim.bury(row, f"gave up after {_age(row.age_s)}; last error: {row.last_error}")
+        return True
+    return False
+
+
+def _record_failure(
+    outbox: Outbox, claim: Claim, row: OutboxRow, error: str, stats: RetryStats
+) -> None:
+    policy = outbox.policy
+    attempts = row.attempts + 1
+    if attempts >= policy.max_attempts:
+        claim.bury(row, f"gave up after {attempts} attempts; last error: {error}", attempted=True)
+        stats.dead += 1
+    elif row.age_s > policy.max_age_s:
+        claim.bury(row, f"gave up after {_age(row.age_s)}; last error: {error}", attempted=True)
+        stats.dead += 1
+    else:
+        claim.fail(row, error, next_delay(policy, attempts, outbox.rng))
+        stats.failed += 1
+
+
+def _age(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+
+
+def schedule_retries(
+    scheduler: AsyncIOScheduler, run: Callable[[], Awaitable[object]], every_s: float
+) -> None:
+    """Run `run` every `every_s` seconds in this driver, never two passes at once."""
+
+    # A coroutine function, not `run` itself: APScheduler awaits only what it can see is
+    # async, and would call a lambda returning a coroutine in a thread, never awaiting it.
+    async def retry_callbacks() -> None:
+        try:
+            await run()
+        except Exception as exc:  # a database outage: say so once per pass, briefly
+            log.warning("callback retry pass failed: %s", exc)
+
+    scheduler.add_job(
+        retry_callbacks,
+        "interval",
+        seconds=every_s,
+        id="callback-retry",
+        coalesce=True,
+        max_instances=1,
+        next_run_time=datetime.now(UTC),
+        replace_existing=True,
+    )
