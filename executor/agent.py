@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from tidegate import names
+from tidegate.backoff import Backoff
 from tidegate.bus.publish import Outgoing, Publisher
 from tidegate.bus.pull import first_message, take_available
 from tidegate.bus.topology import Buckets, ensure_work_consumer
@@ -50,6 +51,11 @@ from tidegate.wire import (
 log = logging.getLogger(__name__)
 
 _FETCH_MAX = 64
+# A terminal report waits for NATS as long as it takes (JetStream holds the work meanwhile).
+REPORT_RETRY = Backoff(base_s=0.2, cap_s=5.0)
+# An ack after the report is stored: a few tries, then the task runs again (at least once).
+ACK_TRIES = 5
+ACK_RETRY = Backoff(base_s=0.2, cap_s=3.2)
 
 
 @dataclass
@@ -304,7 +310,9 @@ class Executor:
             msg_id=event.event_id,
         )
         await until_done(
-            partial(self._publisher.publish, out), what=f"reporting {event.event_id}", first_s=0.2
+            partial(self._publisher.publish, out),
+            what=f"reporting {event.event_id}",
+            backoff=REPORT_RETRY,
         )
 
     async def _cancel_requested(self, task_id: str) -> bool:
@@ -390,13 +398,13 @@ class Executor:
 
 
 async def _ack(msg: Msg) -> None:
-    for attempt in range(5):
+    for failures in range(1, ACK_TRIES + 1):
         try:
             await msg.ack_sync(timeout=2.0)
             return
         except Exception as exc:
-            log.warning("ack of %s failed (%s), try %d", msg.subject, exc, attempt + 1)
-            await asyncio.sleep(0.2 * 2**attempt)
+            log.warning("ack of %s failed (%s), try %d", msg.subject, exc, failures)
+            await asyncio.sleep(ACK_RETRY.delay(failures))
     # Not acked: the work message is redelivered and the task runs again; its result is
     # already reported, and the projection keeps the first terminal state of the new attempt.
 

@@ -10,7 +10,7 @@ import hashlib
 import re
 from typing import Final
 
-from tidegate.wire import NAME_RE, TaskClass
+from tidegate.wire import NAME_RE, TaskClass, task_id
 
 # Streams ------------------------------------------------------------------------------------
 TASKS_STREAM: Final = "TG_TASKS"  # submissions, a work queue drained by the drivers' route step
@@ -80,6 +80,16 @@ def work_subject(pool: str, task_class: TaskClass, client: str) -> str:
     return f"tg.work.{pool}.{task_class}.{client}"
 
 
+def client_work_filter(client: str) -> str:
+    """Every work subject of one client, across pools and classes."""
+    return f"tg.work.*.*.{client}"
+
+
+def kv_stream(bucket: str) -> str:
+    """The stream behind a KV bucket (JetStream's naming)."""
+    return f"KV_{bucket}"
+
+
 def work_filter(pool: str, task_class: TaskClass) -> str:
     return f"tg.work.{pool}.{task_class}.*"
 
@@ -109,8 +119,10 @@ def callback_subject(client: str) -> str:
 
 
 def msg_id(client: str, key: str) -> str:
-    """The `Nats-Msg-Id` of a submission: JetStream drops a second publish with the same id."""
-    return f"{client}:{key}"
+    """The `Nats-Msg-Id` of a submission: JetStream drops a second publish with the same id.
+
+    It is the task id, so a duplicate is exactly "the same task"."""
+    return task_id(client, key)
 
 
 def kv_key(task_id: str) -> str:

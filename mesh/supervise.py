@@ -8,18 +8,23 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from tidegate.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 LoopFactory = Callable[[], Awaitable[None]]
 T = TypeVar("T")
 
+LOOP_RESTART = Backoff(base_s=0.1, cap_s=10.0)  # a crashed loop, again and again
+RETRY = Backoff(base_s=0.1, cap_s=5.0)  # `until_done`: a server that is away for a while
+
 
 class Supervisor:
     """Runs named loops; restarts a crashed loop with backoff, counts restarts per loop."""
 
-    def __init__(self, owner: str, *, max_backoff_s: float = 10.0) -> None:
+    def __init__(self, owner: str, *, restart: Backoff = LOOP_RESTART) -> None:
         self.owner = owner
-        self.max_backoff_s = max_backoff_s
+        self.restart = restart
         self.restarts: dict[str, int] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
@@ -33,7 +38,7 @@ class Supervisor:
         )
 
     async def _guard(self, name: str, loop: LoopFactory) -> None:
-        backoff = 0.1
+        crashes = 0
         while True:
             try:
                 await loop()
@@ -48,15 +53,16 @@ class Supervisor:
                     log.debug("%s: loop %s ended while stopping", self.owner, name, exc_info=True)
                     return
                 self.restarts[name] += 1
+                crashes += 1
+                delay = self.restart.delay(crashes)
                 log.exception(
                     "%s: loop %s crashed (restart #%d in %.1fs)",
                     self.owner,
                     name,
                     self.restarts[name],
-                    backoff,
+                    delay,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff_s)
+                await asyncio.sleep(delay)
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -76,8 +82,7 @@ async def until_done(
     attempt: Callable[[], Awaitable[T]],
     *,
     what: str,
-    first_s: float = 0.1,
-    max_s: float = 5.0,
+    backoff: Backoff = RETRY,
     give_up: Callable[[Exception], bool] = lambda _exc: False,
     on_failure: Callable[[Exception], None] | None = None,
 ) -> T:
@@ -87,7 +92,7 @@ async def until_done(
     the caller waits, and JetStream keeps the backlog. An error for which `give_up` is true
     is raised at once instead: retrying cannot fix it.
     """
-    backoff = first_s
+    failures = 0
     while True:
         try:
             return await attempt()
@@ -96,9 +101,10 @@ async def until_done(
                 raise
             if on_failure is not None:
                 on_failure(exc)
-            log.warning("%s failed (%s); retrying in %.1fs", what, exc, backoff)
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, max_s)
+            failures += 1
+            delay = backoff.delay(failures)
+            log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+        await asyncio.sleep(delay)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from tidegate.backoff import Backoff
 from tidegate.errors import BufferFull, SubmitError
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -45,6 +46,8 @@ class Publisher:
         self._nc = nc
         self._timeout = timeout
         self._retries = retries
+        # Between tries of one publish: short, as a resend with the same id is harmless.
+        self._backoff = Backoff(base_s=min(0.2, timeout), cap_s=timeout)
         self._prefix = ""
         self._sub: Subscription | None = None
         self._pending: dict[str, asyncio.Future[PubAck]] = {}
@@ -112,7 +115,7 @@ class Publisher:
                 fut = await self._send_once(out)
             except nats.errors.Error as exc:  # disconnected and the reconnect buffer is full
                 last = exc
-                await asyncio.sleep(min(0.2 * 2**attempt, self._timeout))
+                await asyncio.sleep(self._backoff.delay(attempt + 1))
                 continue
             try:
                 return await asyncio.wait_for(fut, self._timeout)
@@ -172,7 +175,7 @@ class Publisher:
             if not retry:
                 return
             todo = sorted(retry)
-            await asyncio.sleep(min(0.2 * 2**attempt, self._timeout))
+            await asyncio.sleep(self._backoff.delay(attempt + 1))
         for i in todo:
             results[i] = SubmitError(
                 f"no PubAck for {batch[i].msg_id} after {self._retries + 1} tries "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -36,6 +37,13 @@ ROUTE_MAX_ACK_PENDING = 20_000
 PROJECTOR_MAX_ACK_PENDING = 50_000
 WORK_MAX_ACK_PENDING = 100_000
 LEASE_TTL_S = 5.0  # a lease its holder stopped renewing (it died) frees itself this fast
+# How long a consumer waits for an ack before it redelivers. Whoever holds messages longer
+# (the projector during an outage, the notifier behind a slow endpoint) keeps them alive at a
+# fraction of these; the work consumer's is a setting (`Limits.work_ack_wait_s`).
+ROUTE_ACK_WAIT_S = 30.0
+READY_ACK_WAIT_S = 30.0
+PROJECTOR_ACK_WAIT_S = 30.0
+NOTIFY_ACK_WAIT_S = 60.0
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -60,93 +68,82 @@ async def _ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCo
         ) from exc
 
 
+def _stream(
+    name: str, subject: str, retention: RetentionPolicy, max_bytes: int, limits: Limits, **more: Any
+) -> StreamConfig:
+    """Every stream: file storage, publishers refused when full (never a silent drop), and the
+    dedup window of `Nats-Msg-Id`."""
+    return StreamConfig(
+        name=name,
+        subjects=[subject],
+        retention=retention,
+        discard=DiscardPolicy.NEW,
+        max_bytes=max_bytes,
+        storage=StorageType.FILE,
+        duplicate_window=limits.duplicate_window_s,
+        **more,
+    )
+
+
+def _durable(
+    name: str, subject: str, *, ack_wait: float, max_ack_pending: int, **more: Any
+) -> ConsumerConfig:
+    """Every consumer: durable, explicit acks, from the start of its stream."""
+    return ConsumerConfig(
+        durable_name=name,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        max_deliver=-1,
+        max_ack_pending=max_ack_pending,
+        filter_subject=subject,
+        **more,
+    )
+
+
 async def ensure_streams(js: JetStreamContext, limits: Limits) -> None:
-    """The three streams and the consumers every driver shares."""
-    window = limits.duplicate_window_s
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=names.TASKS_STREAM,
-            subjects=[names.SUBMIT_ALL],
-            retention=RetentionPolicy.WORK_QUEUE,
-            discard=DiscardPolicy.NEW,
-            max_bytes=limits.tasks_max_bytes,
+    """The streams and the consumers every driver shares."""
+    work_queue = RetentionPolicy.WORK_QUEUE
+    for config in (
+        _stream(
+            names.TASKS_STREAM,
+            names.SUBMIT_ALL,
+            work_queue,
+            limits.tasks_max_bytes,
+            limits,
             max_msg_size=limits.max_task_bytes * 4,
-            storage=StorageType.FILE,
-            duplicate_window=window,
         ),
-    )
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=names.READY_STREAM,
-            subjects=[names.READY_ALL],
-            retention=RetentionPolicy.WORK_QUEUE,
-            discard=DiscardPolicy.NEW,
-            max_bytes=limits.tasks_max_bytes,
-            storage=StorageType.FILE,
-            duplicate_window=window,
+        _stream(names.READY_STREAM, names.READY_ALL, work_queue, limits.tasks_max_bytes, limits),
+        _stream(names.WORK_STREAM, names.WORK_ALL, work_queue, limits.work_max_bytes, limits),
+        # Interest retention: an event stays until every consumer (projector, notifier) acked.
+        _stream(
+            names.EVENTS_STREAM,
+            names.EVENT_ALL,
+            RetentionPolicy.INTEREST,
+            limits.events_max_bytes,
+            limits,
         ),
-    )
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=names.WORK_STREAM,
-            subjects=[names.WORK_ALL],
-            retention=RetentionPolicy.WORK_QUEUE,
-            discard=DiscardPolicy.NEW,
-            max_bytes=limits.work_max_bytes,
-            storage=StorageType.FILE,
-            duplicate_window=window,
-        ),
-    )
-    # Interest retention: an event stays until every consumer (projector, notifier) acked it.
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=names.EVENTS_STREAM,
-            subjects=[names.EVENT_ALL],
-            retention=RetentionPolicy.INTEREST,
-            discard=DiscardPolicy.NEW,
-            max_bytes=limits.events_max_bytes,
-            storage=StorageType.FILE,
-            duplicate_window=window,
-        ),
-    )
+    ):
+        await _ensure_stream(js, config)
     # A work-queue stream allows no overlapping consumers: the single all-clients route
     # consumer of earlier versions must go before the per-client ones can exist.
     try:
         await js.delete_consumer(names.TASKS_STREAM, names.LEGACY_ROUTE_CONSUMER)
     except NotFoundError:
         pass
-    await _ensure_consumer(
-        js,
-        names.EVENTS_STREAM,
-        ConsumerConfig(
-            durable_name=names.PROJECTOR_CONSUMER,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30.0,
-            max_deliver=-1,
-            max_ack_pending=PROJECTOR_MAX_ACK_PENDING,
-            filter_subject=names.EVENT_ALL,
-        ),
-    )
-    # Created with the stream, before any event: interest retention keeps events only for
+    # Both created with the stream, before any event: interest retention keeps events only for
     # consumers that exist, and no callback may be lost while no notifier runs yet.
-    await _ensure_consumer(
-        js,
-        names.EVENTS_STREAM,
-        ConsumerConfig(
-            durable_name=names.NOTIFY_CONSUMER,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=60.0,
-            max_deliver=-1,
-            max_ack_pending=PROJECTOR_MAX_ACK_PENDING,
-            filter_subject=names.EVENT_ALL,
-        ),
-    )
+    for name, ack_wait in (
+        (names.PROJECTOR_CONSUMER, PROJECTOR_ACK_WAIT_S),
+        (names.NOTIFY_CONSUMER, NOTIFY_ACK_WAIT_S),
+    ):
+        await _ensure_consumer(
+            js,
+            names.EVENTS_STREAM,
+            _durable(
+                name, names.EVENT_ALL, ack_wait=ack_wait, max_ack_pending=PROJECTOR_MAX_ACK_PENDING
+            ),
+        )
 
 
 async def ensure_work_consumer(
@@ -154,59 +151,41 @@ async def ensure_work_consumer(
 ) -> str:
     """The executors of one pool share one durable consumer per class."""
     durable = names.work_consumer(pool, task_class)
-    await _ensure_consumer(
-        js,
-        names.WORK_STREAM,
-        ConsumerConfig(
-            durable_name=durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=limits.work_ack_wait_s,
-            max_deliver=-1,
-            max_ack_pending=WORK_MAX_ACK_PENDING,
-            filter_subject=names.work_filter(pool, task_class),
-        ),
+    config = _durable(
+        durable,
+        names.work_filter(pool, task_class),
+        ack_wait=limits.work_ack_wait_s,
+        max_ack_pending=WORK_MAX_ACK_PENDING,
     )
+    await _ensure_consumer(js, names.WORK_STREAM, config)
     return durable
 
 
 async def ensure_route_consumer(js: JetStreamContext, client: str) -> str:
     """One consumer per client on the submission stream, made when its first task arrives."""
     durable = names.route_consumer(client)
-    await _ensure_consumer(
-        js,
-        names.TASKS_STREAM,
-        ConsumerConfig(
-            durable_name=durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30.0,
-            max_deliver=-1,
-            max_ack_pending=ROUTE_MAX_ACK_PENDING,
-            filter_subject=names.submit_subject(client),
-            # A client that stops submitting leaves no consumer behind for long.
-            inactive_threshold=7 * 24 * 3600.0,
-        ),
+    config = _durable(
+        durable,
+        names.submit_subject(client),
+        ack_wait=ROUTE_ACK_WAIT_S,
+        max_ack_pending=ROUTE_MAX_ACK_PENDING,
+        # A client that stops submitting leaves no consumer behind for long.
+        inactive_threshold=7 * 24 * 3600.0,
     )
+    await _ensure_consumer(js, names.TASKS_STREAM, config)
     return durable
 
 
 async def ensure_ready_consumer(js: JetStreamContext, client: str, pool: str) -> str:
     """One consumer per client and pool: the dispatcher picks whose tasks go next."""
     durable = names.ready_consumer(client, pool)
-    await _ensure_consumer(
-        js,
-        names.READY_STREAM,
-        ConsumerConfig(
-            durable_name=durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30.0,
-            max_deliver=-1,
-            max_ack_pending=ROUTE_MAX_ACK_PENDING,
-            filter_subject=names.ready_subject(client, pool),
-        ),
+    config = _durable(
+        durable,
+        names.ready_subject(client, pool),
+        ack_wait=READY_ACK_WAIT_S,
+        max_ack_pending=ROUTE_MAX_ACK_PENDING,
     )
+    await _ensure_consumer(js, names.READY_STREAM, config)
     return durable
 
 
@@ -226,7 +205,7 @@ async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyVal
         # The bucket exists with other settings (say, a new heartbeat TTL): apply ours to
         # its stream, keeping the rest of the stream's configuration.
         kv = await js.key_value(config.bucket)
-        info = await js.stream_info(f"KV_{config.bucket}")
+        info = await js.stream_info(names.kv_stream(config.bucket))
         marker = config.limit_marker_ttl
         await js.update_stream(
             info.config.evolve(

@@ -188,7 +188,9 @@ class Dispatcher:
             if record.max_running is not None:
                 # Count again under the lease: the round's totals may predate another
                 # driver's dispatch of this client.
-                fresh = await self._subject_counts(names.WORK_STREAM, f"tg.work.*.*.{client}")
+                fresh = await self._subject_counts(
+                    names.WORK_STREAM, names.client_work_filter(client)
+                )
                 allowed = min(allowed, record.max_running - sum(fresh.values()))
             state: RateState | None = None
             at = time.time()

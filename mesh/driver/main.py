@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from tidegate.backoff import Backoff
 from tidegate.bus.clients import decode_client, publish_client
 from tidegate.bus.kvwatch import KvMirror
 from tidegate.bus.lease import Leases
@@ -34,6 +35,9 @@ from tidegate.supervise import Supervisor, until_done
 from tidegate.wire import ClientRecord, Heartbeat, decode_heartbeat
 
 log = logging.getLogger(__name__)
+
+# Migrations and the client mirror, until the database answers (it may start after us).
+SETUP_RETRY = Backoff(base_s=0.5, cap_s=10.0)
 
 
 class Driver:
@@ -168,7 +172,7 @@ class Driver:
                 await publish_client(self.buckets.clients, record)
             log.info("mirrored %d clients into the clients bucket", len(records))
 
-        await until_done(once, what="database setup", first_s=0.5, max_s=10.0)
+        await until_done(once, what="database setup", backoff=SETUP_RETRY)
 
     async def _retry_callbacks(self) -> None:
         stats = await retry_pass(self.outbox, self.transports, self.clients.get)

@@ -31,26 +31,29 @@ from nats.js import JetStreamContext
 from tidegate import names
 from tidegate.bus.lease import Leases
 from tidegate.bus.pull import ack_all, pull, settle_quietly
+from tidegate.bus.topology import LEASE_TTL_S, NOTIFY_ACK_WAIT_S
 from tidegate.driver.callbacks.outbox import Outbox
-from tidegate.driver.callbacks.payload import Callback, callback_from_event
+from tidegate.driver.callbacks.payload import Callback, callback_from_flat
 from tidegate.driver.callbacks.transport import CallbackFailed, Transports
+from tidegate.errors import TidegateError
 from tidegate.metrics import DriverMetrics
-from tidegate.store.rows import TaskRow, coalesce, row_from_event
+from tidegate.store.flatten import FlatEvent, flatten
+from tidegate.store.rows import TaskRow, coalesce, row_from_flat
 from tidegate.store.store import Store, permanent
 from tidegate.supervise import until_done
 from tidegate.wire import STATE_RANK, AnyEvent, ClientRecord, decode_event
 
 log = logging.getLogger(__name__)
 
-_RENEW_S = 1.0  # the lease lives 5 s: renew well before
+_RENEW_S = LEASE_TTL_S / 5  # renewed several times per TTL: one slow renewal is not a loss
 _MAX_IN_FLIGHT = 20_000  # events held in lanes, not yet acked
 _LANE_BATCH = 200
 _OUTBOX_RECHECK_S = 1.0
 _LATEST_MAX = 200_000
-_KEEPALIVE_S = 20.0  # the notify consumer's ack wait is 60 s
+_KEEPALIVE_S = NOTIFY_ACK_WAIT_S / 3  # held callbacks stay ours behind a slow endpoint
 
 
-class LeaseLost(Exception):
+class LeaseLost(TidegateError):
     """Another driver holds the notifier lease now; stop sending at once."""
 
 
@@ -172,35 +175,36 @@ class Notifier:
             await sub.unsubscribe()
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        events: list[tuple[AnyEvent, Msg]] = []  # to call back, in order
+        events: list[tuple[FlatEvent, Msg]] = []  # to call back, in order
         rows: list[TaskRow] = []  # sensitive transitions, written before their callbacks
         done: list[Msg] = []
         for msg in msgs:
             try:
                 event = decode_event(msg.data)
                 wanted = wants_callback(event, self._clients(event.client))
+                flat = flatten(event) if wanted else None
                 # Sensitive rows are built here, where a bad one can still be refused.
-                row = row_from_event(event) if wanted and event.sensitive else None
+                row = row_from_flat(flat) if flat is not None and event.sensitive else None
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 log.warning("undecodable event on %s: %s", msg.subject, exc)
                 await msg.term()
                 continue
             if row is not None:
                 rows.append(row)
-            if wanted and not self._fence.stale(event):
-                events.append((event, msg))
+            if flat is not None and not self._fence.stale(event):
+                events.append((flat, msg))
             else:
                 done.append(msg)
         if rows:
             await self._persist(coalesce(rows))
-        for event, msg in events:
+        for flat, msg in events:
             await self._room.acquire()
             self._held[id(msg)] = msg
-            lane = self._lane(event.client)
-            lane.queue.put_nowait((callback_from_event(event), msg))
+            lane = self._lane(flat.client)
+            lane.queue.put_nowait((callback_from_flat(flat), msg))
             if lane.task is None or lane.task.done():
                 lane.task = asyncio.create_task(
-                    self._drive(event.client, lane), name=f"notify:{event.client}"
+                    self._drive(flat.client, lane), name=f"notify:{flat.client}"
                 )
         await ack_all(done)
 

@@ -20,7 +20,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from tidegate import names
+from tidegate.backoff import Backoff
 from tidegate.bus.pull import ack_all, settle_quietly
+from tidegate.bus.topology import PROJECTOR_ACK_WAIT_S
 from tidegate.config import DriverSettings
 from tidegate.metrics import DriverMetrics
 from tidegate.store.rows import TaskRow, coalesce, row_from_event, rows_from_heartbeat
@@ -31,7 +33,9 @@ log = logging.getLogger(__name__)
 
 # Bound on (task, attempt) pairs remembered as already projected `running` from heartbeats.
 _SEEN_RUNNING_MAX = 500_000
-_KEEPALIVE_S = 10.0  # well inside the projector consumer's 30 s ack wait
+# A batch held through a database outage is kept alive well inside the consumer's ack wait.
+_KEEPALIVE_S = PROJECTOR_ACK_WAIT_S / 3
+WRITE_RETRY = Backoff(base_s=0.2, cap_s=5.0)
 
 
 class Projector:
@@ -172,7 +176,7 @@ class Projector:
         waits in JetStream, not in memory, and is written once the database is back.
         """
         loop = asyncio.get_running_loop()
-        backoff = 0.2
+        failures = 0
         last_keepalive = loop.time()
         while True:
             try:
@@ -183,9 +187,10 @@ class Projector:
                 if permanent(exc):
                     raise RowRefused(str(exc)) from exc
                 self._metrics.write_failures.inc()
-                log.warning("projection write failed (%s); retrying in %.1fs", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+                failures += 1
+                delay = WRITE_RETRY.delay(failures)
+                log.warning("projection write failed (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
             if msgs and loop.time() - last_keepalive > _KEEPALIVE_S:
                 await settle_quietly(msgs, "in_progress")
                 last_keepalive = loop.time()

@@ -1,7 +1,7 @@
--- The callback outbox's statements, by name (loaded by mesh/callbacks/outbox.py).
+-- The callback outbox's statements, by name (loaded with queries.sql by mesh/store/queries.py).
 -- Full-line comments are stripped before sending; keep them above or between clauses.
 
--- name: enqueue
+-- name: outbox_enqueue
 -- One statement for a whole list of failed callbacks. WITH ORDINALITY + ORDER BY hand out the
 -- ids in list order, and id order is delivery order. A callback already waiting (the same
 -- event redelivered) keeps its row, its attempts and its place.
@@ -14,7 +14,7 @@ FROM unnest(%(event_id)b::text[], %(task_id)b::text[], %(client)b::text[], %(sta
 ORDER BY e.ord
 ON CONFLICT (event_id) DO NOTHING;
 
--- name: pending_clients
+-- name: outbox_pending_clients
 -- A loose index scan over (client, id): one index probe per client instead of reading every
 -- row, which matters when a client has been down for an hour of midnight floods.
 WITH RECURSIVE c(client) AS (
@@ -26,7 +26,7 @@ WITH RECURSIVE c(client) AS (
 )
 SELECT client FROM c WHERE client IS NOT NULL;
 
--- name: due_clients
+-- name: outbox_due_clients
 -- Clients whose OLDEST row is due (or too old to keep): a client is retried from its head
 -- only, so a later callback never overtakes an earlier one that is still backing off.
 WITH RECURSIVE c(client) AS (
@@ -45,12 +45,12 @@ WHERE c.client IS NOT NULL
   AND (head.next_attempt_at <= now()
        OR head.created_at <= now() - make_interval(secs => %(max_age_s)s));
 
--- name: lock_client
+-- name: outbox_lock_client
 -- Transaction-scoped, so a driver that dies mid-pass frees the client with its connection.
 -- The two-key form keeps these locks apart from the single-key ones (migrations, partitions).
-SELECT pg_try_advisory_xact_lock(hashtext('tidegate.callbacks'), hashtext(%(client)s));
+SELECT pg_try_advisory_xact_lock(hashtext('tidegate.callbacks'), hashtext(%(client)s)) AS locked;
 
--- name: claim_rows
+-- name: outbox_claim_rows
 -- Under the client's advisory lock; SKIP LOCKED still keeps a pass from queueing behind rows
 -- some other session happens to hold.
 SELECT id, event_id, attempts, last_error, payload::text AS payload,
@@ -62,10 +62,10 @@ ORDER BY id
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;
 
--- name: delete_delivered
+-- name: outbox_delete_delivered
 DELETE FROM callback_outbox WHERE id = ANY(%(ids)s::bigint[]);
 
--- name: fail_one
+-- name: outbox_fail_one
 -- clock_timestamp, not now(): the transaction began before the send, which may have taken
 -- the whole timeout, and the backoff counts from the failure.
 UPDATE callback_outbox
@@ -74,7 +74,7 @@ SET attempts = attempts + 1,
     last_error = %(error)s
 WHERE id = %(id)s;
 
--- name: bury
+-- name: outbox_bury
 -- Moves rows to the dead letters in one statement. `bump` counts a failed attempt made in
 -- this pass; a null error keeps the row's last error. An event dead-lettered before (it was
 -- redelivered and failed again) keeps one dead letter, the latest.
@@ -100,11 +100,11 @@ ON CONFLICT (event_id) DO UPDATE SET
     created_at = excluded.created_at,
     dead_at = excluded.dead_at;
 
--- name: count_all
-SELECT count(*) FROM callback_outbox;
+-- name: outbox_count_all
+SELECT count(*) AS n FROM callback_outbox;
 
--- name: count_client
-SELECT count(*) FROM callback_outbox WHERE client = %(client)s;
+-- name: outbox_count_client
+SELECT count(*) AS n FROM callback_outbox WHERE client = %(client)s;
 
 -- name: dead_letters_all
 SELECT event_id, task_id, client, state, attempts, last_error, created_at, dead_at, payload

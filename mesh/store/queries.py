@@ -1,21 +1,29 @@
-"""The store's SQL, loaded by name from `queries.sql`.
+"""Every SQL statement Tidegate sends, loaded by name from this package's `.sql` files.
 
-Each statement is a `-- name: <name>` block. The names are the fields of `Queries`, so a typo in
-Python is a type error and a missing or extra block fails at import, not at the first call.
+Each statement is a `-- name: <name>` block, the layout of procrastinate's `sql/queries.sql`;
+the files are parsed once, at import. The names are the fields of `Queries`, so a typo in
+Python is a type error, and a block that is missing, extra, empty or defined twice (in one file
+or across files) fails at import, not at the first call.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from importlib.resources import files
 from typing import Final
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$")
 
+# The projection, clients and migrations; then the callback outbox, which only the driver's
+# callback stages use but which lives in the same database and pool.
+FILES: Final = ("queries.sql", "outbox.sql")
+
 
 @dataclass(frozen=True, slots=True)
 class Queries:
+    # queries.sql
     session_setup: str
     lock_migrations: str
     unlock_migrations: str
@@ -35,9 +43,22 @@ class Queries:
     get_client: str
     list_clients: str
     update_client: str
+    # outbox.sql
+    outbox_enqueue: str
+    outbox_pending_clients: str
+    outbox_due_clients: str
+    outbox_lock_client: str
+    outbox_claim_rows: str
+    outbox_delete_delivered: str
+    outbox_fail_one: str
+    outbox_bury: str
+    outbox_count_all: str
+    outbox_count_client: str
+    dead_letters_all: str
+    dead_letters_client: str
 
 
-def parse(text: str) -> dict[str, str]:
+def parse(text: str, source: str = "<sql>") -> dict[str, str]:
     """Split `-- name:` blocks; full-line comments are dropped so they never travel the wire."""
     blocks: dict[str, list[str]] = {}
     current: list[str] | None = None
@@ -46,25 +67,37 @@ def parse(text: str) -> dict[str, str]:
         if match:
             name = match.group(1)
             if name in blocks:
-                raise ValueError(f"queries.sql: query {name!r} is defined twice")
+                raise ValueError(f"{source}: query {name!r} is defined twice")
             current = blocks[name] = []
         elif current is not None and not line.lstrip().startswith("--"):
             current.append(line)
     return {name: "\n".join(lines).strip() for name, lines in blocks.items()}
 
 
-def load(text: str) -> Queries:
-    parsed = parse(text)
+def load(texts: Mapping[str, str]) -> Queries:
+    """`texts` maps a file name (for messages) to its contents."""
+    parsed: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    for source, text in texts.items():
+        for name, sql in parse(text, source).items():
+            if name in parsed:
+                raise ValueError(f"{source}: query {name!r} is also defined in {origin[name]}")
+            if not sql:
+                raise ValueError(f"{source}: query {name!r} is empty")
+            parsed[name], origin[name] = sql, source
     expected = {f.name for f in fields(Queries)}
     missing, extra = expected - parsed.keys(), parsed.keys() - expected
     if missing or extra:
         raise ValueError(
-            f"queries.sql does not match Queries: missing {sorted(missing)}, extra {sorted(extra)}"
+            f"{', '.join(texts)} do not match Queries: "
+            f"missing {sorted(missing)}, extra {sorted(extra)}"
         )
-    empty = [name for name, sql in parsed.items() if not sql]
-    if empty:
-        raise ValueError(f"queries.sql: empty queries {empty}")
     return Queries(**parsed)
 
 
-Q: Final = load(files("tidegate.store").joinpath("queries.sql").read_text(encoding="utf-8"))
+def _read(names: tuple[str, ...]) -> dict[str, str]:
+    here = files("tidegate.store")
+    return {name: here.joinpath(name).read_text(encoding="utf-8") for name in names}
+
+
+Q: Final = load(_read(FILES))

@@ -86,7 +86,7 @@ WHERE (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
    OR (excluded.attempt = t.attempt AND t.executor IS NULL AND excluded.executor IS NOT NULL);
 
 -- name: drop_partitions_before
-SELECT tg_drop_partitions_before(%(day)s::date);
+SELECT tg_drop_partitions_before(%(day)s::date) AS dropped;
 
 -- name: get_task
 -- A key reused after the dedup window makes a second row on a later day: show the newest.

@@ -12,21 +12,13 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, TypedDict, assert_never
+from typing import Any, TypedDict
 
 import msgspec
 from msgspec import Struct
 
-from tidegate.wire import (
-    STATE_RANK,
-    AnyEvent,
-    Dispatched,
-    Finished,
-    Heartbeat,
-    Queued,
-    Running,
-    TaskSpec,
-)
+from tidegate.store.flatten import FlatEvent, flatten
+from tidegate.wire import STATE_RANK, AnyEvent, Finished, Heartbeat, TaskSpec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,44 +66,29 @@ class TaskRow:
         return (self.attempt, STATE_RANK[self.state])
 
 
-class _Common(TypedDict):
-    task_id: str
-    client: str
-    key: str
-    submitted_at: datetime
-    state: str
-    attempt: int
-
-
 def row_from_event(event: AnyEvent | Finished) -> TaskRow:
-    """The row an event writes (`Finished` too: `FINISHED_BY_STATE[state](...)` builds one)."""
-    base = _Common(
-        task_id=event.task_id,
-        client=event.client,
-        key=event.key,
-        submitted_at=event.submitted_at,
-        state=event.state,
-        attempt=event.attempt,
+    """The row an event writes."""
+    return row_from_flat(flatten(event))
+
+
+def row_from_flat(flat: FlatEvent) -> TaskRow:
+    return TaskRow(
+        task_id=flat.task_id,
+        client=flat.client,
+        key=flat.key,
+        submitted_at=flat.submitted_at,
+        state=flat.state,
+        attempt=flat.attempt,
+        pool=flat.pool,
+        task_class=flat.task_class,
+        spec=flat.spec,
+        executor=flat.executor,
+        exit_code=flat.exit_code,
+        reason=flat.reason,
+        log_tail=flat.log_tail,
+        started_at=flat.started_at,
+        finished_at=flat.finished_at,
     )
-    match event:
-        case Queued():
-            return TaskRow(**base, spec=event.spec, pool=event.pool, task_class=event.task_class)
-        case Dispatched():
-            return TaskRow(**base, executor=event.executor)
-        case Running():
-            return TaskRow(**base, executor=event.executor, started_at=event.started_at)
-        case Finished():
-            return TaskRow(
-                **base,
-                executor=event.executor,
-                exit_code=event.exit_code,
-                reason=event.reason,
-                log_tail=event.log_tail,
-                started_at=event.started_at,
-                finished_at=event.finished_at,
-            )
-        case _:
-            assert_never(event)
 
 
 def rows_from_heartbeat(hb: Heartbeat) -> list[TaskRow]:

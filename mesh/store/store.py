@@ -1,15 +1,17 @@
 """The PostgreSQL store: the task projection, clients, and partition retention.
 
-A narrow interface over a connection pool; every statement lives in `queries.sql`.
-Connections run in autocommit so that a single statement is a single round trip and a single
-commit; multi-statement work opens an explicit transaction.
+A narrow interface over a connection pool; every statement lives in `queries.sql` or
+`outbox.sql`. Connections run in autocommit so that a single statement is a single round trip
+and a single commit; multi-statement work opens an explicit transaction (`Store.transaction`).
+The query helpers (`execute`, `fetch_one`, `fetch_all`) are public so that the driver's other
+tables (the callback outbox) share this pool without reaching into it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, Unpack
@@ -30,7 +32,7 @@ from tidegate.store.rows import (
 )
 from tidegate.wire import STATE_RANK, ClientRecord
 
-__all__ = ["ClientChanges", "Store", "TaskRecord", "TaskRow"]
+__all__ = ["ClientChanges", "Params", "Row", "Session", "Store", "TaskRecord", "TaskRow"]
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +48,31 @@ _CLIENT_CHECKS = {
 }
 _CLIENT_FIELDS = frozenset(ClientChanges.__optional_keys__ | ClientChanges.__required_keys__)
 
+Params = Mapping[str, Any]
+Row = dict[str, Any]
+
 
 @contextmanager
-def _failing(op: str) -> Iterator[None]:
+def _failing(what: str | None) -> Iterator[None]:
+    """With `what`, a database error becomes a StoreError naming it; without, it propagates as
+    psycopg raised it, for a caller that tells transient errors from permanent ones."""
+    if what is None:
+        yield
+        return
     try:
         yield
     except psycopg.errors.CheckViolation as exc:
         hint = _CLIENT_CHECKS.get(exc.diag.constraint_name or "")
-        raise StoreError(f"{op}: {hint or exc}") from exc
+        raise StoreError(f"{what}: {hint or exc}") from exc
     except psycopg.Error as exc:
-        raise StoreError(f"{op} failed: {exc}") from exc
+        raise StoreError(f"{what} failed: {exc}") from exc
 
 
 def _missing_partition(exc: psycopg.errors.CheckViolation) -> bool:
     return (exc.diag.message_primary or "").startswith("no partition of relation")
 
 
-class RowRefused(Exception):
+class RowRefused(StoreError):
     """The database refuses a row for what it holds; retrying cannot help."""
 
 
@@ -72,6 +82,28 @@ def permanent(exc: BaseException) -> bool:
     cause = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc
     sqlstate = getattr(cause, "sqlstate", None) or ""
     return sqlstate[:2] in {"22", "23", "54"}
+
+
+class Session:
+    """Statements on one connection: inside `Store.transaction`, or one at a time."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
+        self._conn = conn
+
+    async def execute(self, query: str, params: Params | None = None) -> int:
+        """Run a statement; returns the rows it changed (or returned)."""
+        cur = await self._conn.execute(query, params)
+        return cur.rowcount
+
+    async def fetch_one(self, query: str, params: Params | None = None) -> Row | None:
+        cur = self._conn.cursor(row_factory=dict_row)
+        await cur.execute(query, params)
+        return await cur.fetchone()
+
+    async def fetch_all(self, query: str, params: Params | None = None) -> list[Row]:
+        cur = self._conn.cursor(row_factory=dict_row)
+        await cur.execute(query, params)
+        return await cur.fetchall()
 
 
 class Store:
@@ -117,6 +149,44 @@ class Store:
     ) -> None:
         await self.close()
 
+    # --- query helpers -----------------------------------------------------------------------
+    # `what` names the operation in a StoreError (see `_failing`). There is no way to splice a
+    # value into the text: parameters always travel apart from the statement.
+
+    @asynccontextmanager
+    async def _session(self, what: str | None) -> AsyncIterator[Session]:
+        with _failing(what):
+            async with self._pool.connection() as conn:
+                yield Session(conn)
+
+    @asynccontextmanager
+    async def transaction(self, *, what: str | None = None) -> AsyncIterator[Session]:
+        """One connection and one transaction: committed when the block ends, rolled back if
+        it raises."""
+        with _failing(what):
+            async with self._pool.connection() as conn, conn.transaction():
+                yield Session(conn)
+
+    async def execute(
+        self, query: str, params: Params | None = None, *, what: str | None = None
+    ) -> int:
+        """One statement, committed on its own; returns the rows it changed (or returned)."""
+        async with self._session(what) as session:
+            return await session.execute(query, params)
+
+    async def fetch_one(
+        self, query: str, params: Params | None = None, *, what: str | None = None
+    ) -> Row | None:
+        """The first row as a dict by column name, or None."""
+        async with self._session(what) as session:
+            return await session.fetch_one(query, params)
+
+    async def fetch_all(
+        self, query: str, params: Params | None = None, *, what: str | None = None
+    ) -> list[Row]:
+        async with self._session(what) as session:
+            return await session.fetch_all(query, params)
+
     # --- the projection ----------------------------------------------------------------------
 
     async def upsert_tasks(self, rows: Sequence[TaskRow]) -> int:
@@ -156,42 +226,34 @@ class Store:
         today = datetime.now(UTC).date()
         wanted = days | {d + timedelta(days=1) for d in days if d >= today}
         new_days = sorted(wanted - self._days)
-        async with self._pool.connection() as conn:
-            if not new_days:
-                cur = await conn.execute(Q.upsert_tasks, params)
-                return cur.rowcount
-            async with conn.transaction():
-                await conn.execute(Q.ensure_partitions, {"days": new_days})
-                cur = await conn.execute(Q.upsert_tasks, params)
+        if not new_days:
+            return await self.execute(Q.upsert_tasks, params)
+        async with self.transaction() as tx:
+            await tx.execute(Q.ensure_partitions, {"days": new_days})
+            written = await tx.execute(Q.upsert_tasks, params)
         # Only after the commit: a rolled-back transaction took its new partition with it.
         self._days.update(new_days)
-        return cur.rowcount
+        return written
 
     async def ensure_partitions(self, days: Iterable[date]) -> None:
         """Create the partitions of `days` ahead of need (e.g. tomorrow's, before midnight)."""
         wanted = sorted(set(days))
-        with _failing("ensure_partitions"):
-            async with self._pool.connection() as conn, conn.transaction():
-                await conn.execute(Q.ensure_partitions, {"days": wanted})
+        async with self.transaction(what="ensure_partitions") as tx:
+            await tx.execute(Q.ensure_partitions, {"days": wanted})
         self._days.update(wanted)
 
     async def drop_partitions_before(self, day: date) -> int:
         """Retention: drop the daily partitions of every day before `day`; returns how many."""
-        with _failing("drop_partitions_before"):
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(Q.drop_partitions_before, {"day": day})
-                row = await cur.fetchone()
+        row = await self.fetch_one(
+            Q.drop_partitions_before, {"day": day}, what="drop_partitions_before"
+        )
         self._days = {d for d in self._days if d >= day}
-        return int(row[0]) if row else 0
+        return int(row["dropped"]) if row else 0
 
     # --- reading tasks -----------------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        with _failing("get_task"):
-            async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(Q.get_task, {"task_id": task_id})
-                row = await cur.fetchone()
+        row = await self.fetch_one(Q.get_task, {"task_id": task_id}, what="get_task")
         return None if row is None else msgspec.convert(row, TaskRecord)
 
     async def list_tasks(
@@ -206,11 +268,8 @@ class Store:
             query = Q.list_tasks if state is None else Q.list_tasks_by_state
         else:
             query = Q.list_tasks_by_client if state is None else Q.list_tasks_by_client_state
-        with _failing("list_tasks"):
-            async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(query, {"client": client, "state": state, "limit": limit})
-                rows = await cur.fetchall()
+        params = {"client": client, "state": state, "limit": limit}
+        rows = await self.fetch_all(query, params, what="list_tasks")
         return [msgspec.convert(r, TaskRecord) for r in rows]
 
     async def count_tasks_by_state(self, *, since: date | None = None) -> dict[str, int]:
@@ -220,11 +279,11 @@ class Store:
         vanishing. Without `since` this counts every partition: not for a hot scrape loop.
         """
         counts = dict.fromkeys(STATE_RANK, 0)
-        with _failing("count_tasks_by_state"):
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(Q.count_tasks_by_state, {"since": since})
-                for state, n in await cur.fetchall():
-                    counts[str(state)] = int(n)
+        rows = await self.fetch_all(
+            Q.count_tasks_by_state, {"since": since}, what="count_tasks_by_state"
+        )
+        for row in rows:
+            counts[str(row["state"])] = int(row["n"])
         return counts
 
     # --- clients -----------------------------------------------------------------------------
@@ -232,11 +291,7 @@ class Store:
     async def add_client(self, client: ClientRecord) -> ClientRecord:
         """Register a client; returns it as stored (with its timestamps)."""
         params = msgspec.structs.asdict(client)
-        with _failing(f"add client {client.name!r}"):
-            async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(Q.add_client, params)
-                row = await cur.fetchone()
+        row = await self.fetch_one(Q.add_client, params, what=f"add client {client.name!r}")
         if row is None:
             raise StoreError(
                 f"client {client.name!r} already exists; change it with "
@@ -245,19 +300,11 @@ class Store:
         return msgspec.convert(row, ClientRecord)
 
     async def get_client(self, name: str) -> ClientRecord | None:
-        with _failing("get_client"):
-            async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(Q.get_client, {"name": name})
-                row = await cur.fetchone()
+        row = await self.fetch_one(Q.get_client, {"name": name}, what="get_client")
         return None if row is None else msgspec.convert(row, ClientRecord)
 
     async def list_clients(self) -> list[ClientRecord]:
-        with _failing("list_clients"):
-            async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(Q.list_clients)
-                rows = await cur.fetchall()
+        rows = await self.fetch_all(Q.list_clients, what="list_clients")
         return [msgspec.convert(r, ClientRecord) for r in rows]
 
     async def update_client(self, name: str, **changes: Unpack[ClientChanges]) -> ClientRecord:
@@ -283,14 +330,11 @@ class Store:
             valid = msgspec.convert(changes, ClientChanges)
         except msgspec.ValidationError as exc:
             raise StoreError(f"update client {name!r}: {exc}") from None
-        with _failing(f"update client {name!r}"):
-            async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(
-                    Q.update_client,
-                    {"name": name, "changes": msgspec.json.encode(valid).decode()},
-                )
-                row = await cur.fetchone()
+        row = await self.fetch_one(
+            Q.update_client,
+            {"name": name, "changes": msgspec.json.encode(valid).decode()},
+            what=f"update client {name!r}",
+        )
         if row is None:
             raise UnknownClient(f"no client named {name!r}; add it with `tidegate client add`")
         return msgspec.convert(row, ClientRecord)

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import psutil
 
+from tidegate.backoff import Backoff
 from tidegate.embedded.children import kill_trees, signal_alive, spawn_component
 
 log = logging.getLogger("tidegate.up")
 
-RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, cap; doubles per crash in a row
-STABLE_AFTER_S = 60.0  # a child that ran this long before crashing starts over at 1 s
+RESTART = Backoff(base_s=1.0, cap_s=30.0)  # per crash in a row
+STABLE_AFTER_S = 60.0  # a child that ran this long before crashing starts its backoff over
 STALE_GRACE_S = 5.0
 
 
@@ -34,7 +35,7 @@ class Child:
     started_at: float = 0.0
     restarts: int = 0
     next_start: float = 0.0  # monotonic time before which a crashed child is not restarted
-    backoff_s: float = RESTART_BACKOFF_S[0]
+    crashes: int = 0  # in a row: a child that ran STABLE_AFTER_S before dying starts over
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -92,9 +93,11 @@ class Children:
             if child.proc is not None and child.proc.poll() is not None:
                 code = child.proc.returncode
                 if now - child.started_at >= STABLE_AFTER_S:
-                    child.backoff_s = RESTART_BACKOFF_S[0]
+                    child.crashes = 0
                 child.restarts += 1
-                child.next_start = now + child.backoff_s
+                child.crashes += 1
+                delay = RESTART.delay(child.crashes)
+                child.next_start = now + delay
                 log.error(
                     "%s (pid %d) DIED with exit code %s; restart #%d in %.0fs. Last lines of %s:"
                     "\n%s",
@@ -102,11 +105,10 @@ class Children:
                     child.proc.pid,
                     code,
                     child.restarts,
-                    child.backoff_s,
+                    delay,
                     self.log_path(child),
                     _tail(self.log_path(child)),
                 )
-                child.backoff_s = min(child.backoff_s * 2, RESTART_BACKOFF_S[1])
                 child.proc = None
             if child.proc is None and now >= child.next_start:
                 self.start(child)

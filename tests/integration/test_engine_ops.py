@@ -170,3 +170,19 @@ async def test_per_event_baseline_commits_every_transition(cluster: Cluster, db:
     assert metric(text, "tidegate_projection_commits_total") >= 200
     record = msgspec.json.decode(cli(cluster.env(), "task", "show", "epsilon:p0", "--json").stdout)
     assert record["state"] == "succeeded"
+
+
+async def test_submit_for_an_unknown_client_exits_2_and_publishes_nothing(
+    cluster: Cluster,
+) -> None:
+    refused = cli(cluster.env(), "submit", "--client", "nobody", "--key", "k1", "--", "true")
+    assert refused.returncode == 2, refused.stderr
+    assert "no client 'nobody' is registered" in refused.stderr
+    assert "tidegate client add nobody" in refused.stderr
+    assert refused.stdout == ""
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        info = await nc.jetstream().stream_info(names.TASKS_STREAM, subjects_filter=">")
+    finally:
+        await nc.close()
+    assert names.submit_subject("nobody") not in (info.state.subjects or {})

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from receiver import Receiver, refused_url
 from test_callbacks import Client, make_callbacks
 
-from tidegate.driver.callbacks.outbox import Outbox, RetryPolicy, next_delay
+from tidegate.driver.callbacks.outbox import Outbox, RetryPolicy
 from tidegate.driver.callbacks.payload import Callback
 from tidegate.driver.callbacks.retry import RetryStats, retry_pass, schedule_retries
 from tidegate.driver.callbacks.transport import CallbackFailed, Transports
@@ -64,26 +64,26 @@ def assert_in_order(received: list[Callback], sent: list[Callback]) -> None:
         latest[cb.task_id] = rank[cb.state]
 
 
-# --- next_delay (pure) -----------------------------------------------------------------------
+# --- RetryPolicy.delay (pure) ----------------------------------------------------------------
 
 
-def test_next_delay_grows_exponentially_up_to_the_cap() -> None:
+def test_retry_delay_grows_exponentially_up_to_the_cap() -> None:
     policy = RetryPolicy(base_s=1, factor=2, cap_s=30, jitter=0)
     rng = random.Random(1)
-    assert [next_delay(policy, a, rng) for a in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
-    assert next_delay(policy, 0, rng) == 1  # nothing failed yet: the base, not less
-    assert next_delay(policy, 100_000, rng) == 30  # no overflow
+    assert [policy.delay(a, rng) for a in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    assert policy.delay(0, rng) == 1  # nothing failed yet: the base, not less
+    assert policy.delay(100_000, rng) == 30  # no overflow
 
 
-def test_next_delay_jitter_stays_within_bounds_and_spreads() -> None:
+def test_retry_delay_jitter_stays_within_bounds_and_spreads() -> None:
     policy = RetryPolicy(base_s=1, factor=3, cap_s=300, jitter=0.2)
     rng = random.Random(7)
     for attempts, nominal in [(1, 1), (2, 3), (3, 9), (9, 300)]:
-        samples = [next_delay(policy, attempts, rng) for _ in range(500)]
+        samples = [policy.delay(attempts, rng) for _ in range(500)]
         assert all(nominal * 0.8 <= s <= nominal * 1.2 for s in samples)
         assert max(samples) - min(samples) > nominal * 0.3  # actually jittered
     a, b = random.Random(3), random.Random(3)
-    assert next_delay(policy, 4, a) == next_delay(policy, 4, b)  # pure given the rng
+    assert policy.delay(4, a) == policy.delay(4, b)  # pure given the rng
 
 
 def test_retry_policy_rejects_nonsense() -> None:

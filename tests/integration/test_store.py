@@ -7,6 +7,7 @@ import dataclasses
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
+from importlib.resources import files
 from pathlib import Path
 
 import msgspec
@@ -17,6 +18,7 @@ from psycopg import sql
 from tidegate import wire
 from tidegate.errors import MigrationError, StoreError, UnknownClient, UsageError
 from tidegate.store.migrate import available, migrate
+from tidegate.store.queries import FILES, Q, load, parse
 from tidegate.store.rows import TaskRow, coalesce
 from tidegate.store.store import Store, TaskRecord
 from tidegate.wire import ClientRecord
@@ -306,6 +308,64 @@ async def test_upsert_raises_database_errors(database_url: str) -> None:
             await s.upsert_tasks([row("c:e", "queued")])
         with pytest.raises(StoreError, match="get_task"):
             await s.get_task("c:e")
+
+
+# --- the SQL and the query helpers -----------------------------------------------------------
+
+
+def sql_texts() -> dict[str, str]:
+    return {name: files("tidegate.store").joinpath(name).read_text("utf-8") for name in FILES}
+
+
+def test_one_loader_reads_every_sql_file() -> None:
+    assert load(sql_texts()) == Q
+    assert Q.upsert_tasks.startswith("INSERT INTO tasks")
+    assert Q.outbox_enqueue.startswith("INSERT INTO callback_outbox")
+    assert not any(line.lstrip().startswith("--") for line in Q.outbox_claim_rows.splitlines())
+
+
+def test_loader_refuses_a_bad_set_of_queries() -> None:
+    texts = sql_texts()
+    with pytest.raises(ValueError, match=r"'get_task' is also defined in queries\.sql"):
+        load({**texts, "more.sql": "-- name: get_task\nSELECT 1;"})
+    with pytest.raises(ValueError, match=r"missing \['outbox_bury'\], extra \['buried'\]"):
+        renamed = texts["outbox.sql"].replace("-- name: outbox_bury", "-- name: buried")
+        load({**texts, "outbox.sql": renamed})
+    with pytest.raises(ValueError, match=r"more\.sql: query 'nothing' is empty"):
+        load({**texts, "more.sql": "-- name: nothing\n-- only a comment\n"})
+    with pytest.raises(ValueError, match=r"x\.sql: query 'a' is defined twice"):
+        parse("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;", "x.sql")
+
+
+async def test_query_helpers(store: Store) -> None:
+    # Parameters travel apart from the text: a quote in a value is data, never SQL.
+    tricky = "x'); DROP TABLE tasks; --"
+    assert await store.fetch_one("SELECT %(v)s::text AS v", {"v": tricky}) == {"v": tricky}
+    assert await store.fetch_one("SELECT 1 AS n WHERE false") is None
+    rows = await store.fetch_all("SELECT g AS n FROM generate_series(1, 3) AS g")
+    assert rows == [{"n": 1}, {"n": 2}, {"n": 3}]
+    await store.execute("CREATE TEMP TABLE IF NOT EXISTS t (v int)")
+    with pytest.raises(psycopg.Error):  # without `what`, psycopg's own error, to classify
+        await store.fetch_one("SELECT nope")
+    with pytest.raises(StoreError, match="peek failed"):
+        await store.fetch_all("SELECT nope", what="peek")
+
+
+async def test_transaction_commits_or_rolls_back(store: Store, database_url: str) -> None:
+    await store.execute("CREATE TABLE IF NOT EXISTS helper_t (v int)")
+    async with store.transaction() as tx:
+        assert await tx.execute("INSERT INTO helper_t VALUES (1), (2)") == 2
+        assert await tx.fetch_one("SELECT count(*) AS n FROM helper_t") == {"n": 2}
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            await tx.execute("INSERT INTO helper_t VALUES (3)")
+            raise RuntimeError("changed my mind")
+    with pytest.raises(StoreError, match="fill failed"):
+        async with store.transaction(what="fill") as tx:
+            await tx.execute("INSERT INTO helper_t VALUES (4)")
+            await tx.execute("INSERT INTO helper_t VALUES ('four')")
+    assert await store.fetch_all("SELECT v FROM helper_t ORDER BY v") == [{"v": 1}, {"v": 2}]
+    await store.execute("DROP TABLE helper_t")
 
 
 # --- reading tasks ---------------------------------------------------------------------------

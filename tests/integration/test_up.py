@@ -28,7 +28,7 @@ import pytest
 from tidegate.embedded.children import process_alive
 from tidegate.embedded.servers import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 START_S = 90.0  # first start: initdb plus three Python children
 TASK_S = 30.0
 STOP_S = 45.0  # the executor drain deadline plus stopping the servers
@@ -390,12 +390,13 @@ def _readme_commands() -> list[str]:
 def test_readme_starts_with_install_and_test_commands() -> None:
     install, test = _readme_commands()
     assert install == (
-        "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/tidegate up --demo"
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' "
+        "--config-settings editable_mode=strict && .venv/bin/tidegate up --demo"
     )
-    assert test == ".venv/bin/python -m pytest"
+    assert test == ".venv/bin/pytest"
     # CI runs exactly the README's test command, in its own fresh environment.
     ci = (ROOT / ".ci" / "run").read_text()
-    assert '"$VENV/bin/python" -m pytest' in ci
+    assert '\n"$VENV/bin/pytest"\n' in ci
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
 
 
@@ -428,7 +429,7 @@ def test_readme_commands_in_a_fresh_virtualenv(ups: list[Up], tmp_path: Path) ->
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", str(source)],
+        [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", f"{source}[all]"],
         capture_output=True,
         text=True,
         timeout=800,
@@ -437,7 +438,7 @@ def test_readme_commands_in_a_fresh_virtualenv(ups: list[Up], tmp_path: Path) ->
     shutil.rmtree(source)  # from here on, only the installed package can be used
 
     where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import mesh, templates; print(mesh.__file__)"],
+        [str(venv / "bin" / "python"), "-c", "import tidegate; print(tidegate.__file__)"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -12,7 +12,8 @@ from datetime import datetime
 
 import msgspec
 
-from tidegate.wire import AnyEvent, Dispatched, Finished, Running
+from tidegate.store.flatten import FlatEvent, flatten
+from tidegate.wire import AnyEvent, Finished
 
 
 class Callback(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,35 +32,25 @@ class Callback(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: datetime | None = None
 
 
-def callback_from_event(event: AnyEvent) -> Callback:
-    executor: str | None = None
-    exit_code: int | None = None
-    reason: str | None = None
-    log_tail: str | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    if isinstance(event, Finished):
-        executor, exit_code = event.executor, event.exit_code
-        reason, log_tail = event.reason, event.log_tail
-        started_at, finished_at = event.started_at, event.finished_at
-    elif isinstance(event, Running):
-        executor, started_at = event.executor, event.started_at
-    elif isinstance(event, Dispatched):
-        executor = event.executor
+def callback_from_event(event: AnyEvent | Finished) -> Callback:
+    return callback_from_flat(flatten(event))
+
+
+def callback_from_flat(flat: FlatEvent) -> Callback:
     return Callback(
-        event_id=event.event_id,
-        task_id=event.task_id,
-        client=event.client,
-        key=event.key,
-        state=event.state,
-        attempt=event.attempt,
-        at=event.at,
-        executor=executor,
-        exit_code=exit_code,
-        reason=reason,
-        log_tail=log_tail,
-        started_at=started_at,
-        finished_at=finished_at,
+        event_id=flat.event_id,
+        task_id=flat.task_id,
+        client=flat.client,
+        key=flat.key,
+        state=flat.state,
+        attempt=flat.attempt,
+        at=flat.at,
+        executor=flat.executor,
+        exit_code=flat.exit_code,
+        reason=flat.reason,
+        log_tail=flat.log_tail,
+        started_at=flat.started_at,
+        finished_at=flat.finished_at,
     )
 
 

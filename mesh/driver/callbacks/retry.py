@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from tidegate.driver.callbacks.outbox import Claim, Outbox, OutboxRow, next_delay
+from tidegate.driver.callbacks.outbox import Claim, Outbox, OutboxRow
 from tidegate.driver.callbacks.transport import CallbackFailed, Transports, batch_max
 from tidegate.wire import ClientRecord
 
@@ -129,7 +129,7 @@ def _record_failure(
         claim.bury(row, f"gave up after {_age(row.age_s)}; last error: {error}", attempted=True)
         stats.dead += 1
     else:
-        claim.fail(row, error, next_delay(policy, attempts, outbox.rng))
+        claim.fail(row, error, policy.delay(attempts, outbox.rng))
         stats.failed += 1
 
 
