@@ -1,8 +1,12 @@
-"""The web console (a first version): `/health`, and a page with task counts and the addresses.
+"""The web console: a Litestar app of server-rendered pages (Jinja2 + htmx) and a JSON API.
 
-There is no login yet, so `serve_console` is meant for loopback; it warns when bound elsewhere.
-The page must render even while PostgreSQL is down (a database outage is exactly when an
-operator looks), so every database read is bounded in time and its failure is shown, not raised.
+The console must render while PostgreSQL or NATS is down (an outage is exactly when an operator
+looks): it starts without either, every read is bounded in time, and a failed read is shown on
+the page, never raised.
+
+Access (`auth`, `sessions`, `security`): every page needs a login except `/login`, `/health`
+and `/static/*`; sessions are server-side, in memory and NATS KV (not PostgreSQL); every
+mutating request needs the CSRF token, and the operator role (`auth.operator_only`).
 """
 
 from __future__ import annotations
@@ -15,52 +19,39 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import nats
 import psycopg
 import uvicorn
 from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.plugins.htmx import HTMXPlugin
 from litestar.plugins.jinja import JinjaTemplateEngine
-from litestar.response import Template
+from litestar.static_files import create_static_files_router
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.template.config import TemplateConfig
 
 from tidegate.config import Settings
-from tidegate.endpoints import OPERATOR_LOGIN, redact
+from tidegate.console import audit, auth, callbacks, clients, executors, overview, tasks
+from tidegate.console.link import BusLink
+from tidegate.console.security import (
+    AccessConfig,
+    LoginThrottle,
+    csrf_config,
+    csrf_secret,
+    on_forbidden,
+    on_not_authorized,
+    security_headers,
+)
+from tidegate.console.sessions import STORE_NAME, SessionStore
 from tidegate.store.store import Store
 
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 2.0
-PAGE_DB_TIMEOUT_S = 3.0
+# At start, how long to wait for NATS before serving: a restarted console should find the
+# sessions of those logged in (in KV) from its first request, yet start when NATS is down.
+FIRST_CONNECT_WAIT_S = 2.0
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
-async def nats_reachable(url: str, timeout: float = CHECK_TIMEOUT_S) -> bool:
-    """A fresh connection per check: it proves the server answers now, not a minute ago."""
-
-    async def quiet(exc: Exception) -> None:
-        pass  # a failed check is reported as `false`, not logged as an error
-
-    try:
-        nc = await asyncio.wait_for(
-            nats.connect(
-                # max_reconnect_attempts=0 would retry the first connect forever (nats-py
-                # 2.16); 1 means "one try", then NoServersError.
-                url,
-                name="tidegate-console-health",
-                connect_timeout=timeout,
-                allow_reconnect=False,
-                max_reconnect_attempts=1,
-                reconnect_time_wait=0.1,
-                error_cb=quiet,
-            ),
-            timeout * 2,
-        )
-    except Exception:
-        return False
-    await nc.close()
-    return True
 
 
 async def database_reachable(url: str, timeout: float = CHECK_TIMEOUT_S) -> bool:
@@ -74,12 +65,23 @@ async def database_reachable(url: str, timeout: float = CHECK_TIMEOUT_S) -> bool
     return True
 
 
-@get("/health", media_type=MediaType.JSON)
+async def nats_reachable(link: BusLink, timeout: float = CHECK_TIMEOUT_S) -> bool:
+    """The console's own connection answers a round trip now, not a minute ago."""
+    nc = link.nc
+    if nc is None or not nc.is_connected:
+        return False
+    try:
+        await asyncio.wait_for(nc.flush(), timeout)
+    except Exception:
+        return False
+    return True
+
+
+@get("/health", media_type=MediaType.JSON, exclude_from_auth=True)
 async def health(state: State) -> Response[dict[str, Any]]:
     settings: Settings = state.settings
     nats_ok, db_ok = await asyncio.gather(
-        nats_reachable(settings.connection.nats_url),
-        database_reachable(settings.connection.database_url),
+        nats_reachable(state.link), database_reachable(settings.connection.database_url)
     )
     ok = nats_ok and db_ok
     return Response(
@@ -88,58 +90,81 @@ async def health(state: State) -> Response[dict[str, Any]]:
     )
 
 
-@get("/", media_type=MediaType.HTML)
-async def index(state: State) -> Template:
-    settings: Settings = state.settings
-    store: Store = state.store
-    counts: dict[str, int] = {}
-    error = ""
-    try:
-        counts = await asyncio.wait_for(store.count_tasks_by_state(), PAGE_DB_TIMEOUT_S)
-    except TimeoutError:
-        error = f"task counts unavailable: the database did not answer in {PAGE_DB_TIMEOUT_S:.0f}s"
-    except Exception as exc:  # shown on the page: the console must outlive the database
-        error = f"task counts unavailable: {exc}"
-    conn = settings.connection
-    return Template(
-        template_name="index.html",
-        context={
-            "counts": counts,
-            "total": sum(counts.values()),
-            "error": error,
-            "endpoints": {
-                "NATS": redact(conn.nats_url),
-                "database": redact(conn.database_url),
-                "data directory": str(conn.data_dir.resolve()),
-                "operator login": OPERATOR_LOGIN,
-            },
-        },
-    )
-
-
 def templates_dir() -> Path:
     return Path(str(files("tidegate.templates")))
 
 
-def create_app(settings: Settings) -> Litestar:
+def htmx_dir() -> Path:
+    return Path(str(files("js_lib_htmx").joinpath("static", "htmx")))
+
+
+def create_app(settings: Settings, access: AccessConfig | None = None) -> Litestar:
+    """The console; `access` changes its access rules (the defaults are the product's)."""
+    access = access or AccessConfig()
+    link = BusLink(settings.connection.nats_url)
+    secret = access.csrf_secret or csrf_secret(settings.connection.data_dir)
+    roster = auth.Roster()
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        # wait=False: the console starts (and /health says so) while the database is down.
-        store = Store(
-            settings.connection.database_url, min_size=1, max_size=4, name="tidegate-console"
-        )
+        # wait=False and a background NATS link: the console starts while either is down.
+        store = Store(settings.connection.database_url, min_size=1, max_size=4, name="console")
         await store.open(wait=False)
+        link.start()
         app.state.store = store
+        refresher = asyncio.create_task(
+            roster.run(store, access.roster_refresh_s), name="console:roster"
+        )
+        await link.wait_connected(FIRST_CONNECT_WAIT_S)
         try:
             yield
         finally:
+            refresher.cancel()
+            await asyncio.gather(refresher, return_exceptions=True)
+            await link.close()
             await store.close()
 
+    static = [
+        create_static_files_router(
+            path="/static", directories=[templates_dir() / "static"], name="static"
+        ),
+        create_static_files_router(path="/static/htmx", directories=[htmx_dir()], name="htmx"),
+    ]
     return Litestar(
-        route_handlers=[health, index],
-        state=State({"settings": settings}),
+        route_handlers=[
+            health,
+            *static,
+            *auth.ROUTES,
+            *overview.ROUTES,
+            *clients.ROUTES,
+            *tasks.ROUTES,
+            *executors.ROUTES,
+            *callbacks.ROUTES,
+            *audit.ROUTES,
+        ],
+        state=State(
+            {
+                "settings": settings,
+                "access": access,
+                "link": link,
+                "roster": roster,
+                "throttle": LoginThrottle(
+                    max_failures=access.login_max_failures, window_s=access.login_window_s
+                ),
+                "csrf_secret": secret,
+            }
+        ),
         lifespan=[lifespan],
+        plugins=[HTMXPlugin()],
         template_config=TemplateConfig(directory=templates_dir(), engine=JinjaTemplateEngine),
+        middleware=[auth.session_auth(access).middleware],
+        csrf_config=csrf_config(secret),
+        stores={STORE_NAME: SessionStore(link, max_age_s=access.session_max_age_s)},
+        before_send=[security_headers],
+        exception_handlers={
+            NotAuthorizedException: on_not_authorized,
+            PermissionDeniedException: on_forbidden,
+        },
     )
 
 
@@ -147,7 +172,10 @@ def serve_console(settings: Settings, *, host: str = "127.0.0.1", port: int = 87
     """Serve the console with uvicorn until SIGINT/SIGTERM; 1 if it could not start."""
     if host not in LOOPBACK:
         log.warning(
-            "the console has no login yet: anyone who can reach %s:%d can use it", host, port
+            "the console listens on %s:%d in plain HTTP: put a TLS proxy in front of it "
+            "(passwords and session cookies cross the network)",
+            host,
+            port,
         )
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")

@@ -10,12 +10,11 @@ the next attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -33,6 +32,7 @@ from tidegate.bus.topology import Buckets, ensure_work_consumer
 from tidegate.config import ExecutorSettings, Limits
 from tidegate.executor import tasklogs
 from tidegate.executor.process import ProcessLimits, run_process
+from tidegate.executor.workmsg import Slot, ack, keepalive, nak, still_ours
 from tidegate.metrics import ExecutorMetrics
 from tidegate.supervise import until_done
 from tidegate.wire import (
@@ -53,22 +53,6 @@ log = logging.getLogger(__name__)
 _FETCH_MAX = 64
 # A terminal report waits for NATS as long as it takes (JetStream holds the work meanwhile).
 REPORT_RETRY = Backoff(base_s=0.2, cap_s=5.0)
-# An ack after the report is stored: a few tries, then the task runs again (at least once).
-ACK_TRIES = 5
-ACK_RETRY = Backoff(base_s=0.2, cap_s=3.2)
-
-
-@dataclass
-class Slot:
-    """A task running here: what the heartbeat reports and what a cancel request reaches."""
-
-    item: WorkItem
-    attempt: int
-    started_at: datetime = field(default_factory=now)
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    cancel_reason: str = "cancelled by request"
-    # Last moment (loop time) JetStream surely still counted the work message as ours.
-    touched: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
 
 def default_executor_id() -> str:
@@ -99,9 +83,12 @@ class Executor:
         self.id = settings.executor_id or default_executor_id()
         self.running: dict[str, Slot] = {}
         self._reserved = 0  # slots promised to an in-flight fetch
-        self._slot_freed = asyncio.Event()
+        # Wakes the fetch loops: a slot was freed, or the cordon or drain changed.
+        self._wake = asyncio.Event()
+        self._beat = asyncio.Event()  # write the heartbeat now, not at the next interval
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.cordoned = False  # an operator's cordon (or a drain): fetch no new work
         self._process_limits = ProcessLimits(
             kill_grace_s=settings.kill_grace_s,
             log_max_bytes=settings.log_max_bytes,
@@ -121,15 +108,18 @@ class Executor:
         sub = await self._js.pull_subscribe_bind(durable, stream=names.WORK_STREAM)
         try:
             while not self.draining:
-                if self._free() <= 0:
-                    self._slot_freed.clear()
-                    await self._slot_freed.wait()
+                if self.cordoned or self._free() <= 0:
+                    self._wake.clear()
+                    await self._wake.wait()
                     continue
                 # Waiting for work holds one slot only, so an idle class never keeps the
                 # other from filling the rest; once a task arrives, take what else is there.
                 msgs = await self._reserving(1, first_message(sub, wait=1.0))
-                # The task just fetched is not in `running` yet: count it.
+                # The task just fetched is not in `running` yet: count it. A task that came
+                # while a cordon arrived was ours before it: it runs, but no more are taken.
                 more = min(self._free() - len(msgs), _FETCH_MAX) if msgs else 0
+                if self.cordoned:
+                    more = 0
                 if more > 0:
                     msgs += await self._reserving(more, take_available(sub, more))
                 for msg in msgs:
@@ -144,7 +134,9 @@ class Executor:
             return await fetch
         finally:
             self._reserved -= n
-            self._slot_freed.set()
+            self._wake.set()
+            if self.cordon_in_effect:
+                self._beat.set()  # the cordon is in effect only now: say so at once
 
     def _start(self, msg: Msg) -> None:
         try:
@@ -169,14 +161,15 @@ class Executor:
         item = slot.item
         # Kept alive for the whole attempt, reports included: a report waiting on a full
         # events stream must not let the task be handed to another executor meanwhile.
-        keepalive = asyncio.create_task(
-            self._keepalive(msg, slot), name=f"keepalive:{item.task_id}"
+        ack_wait_s = self._limits.work_ack_wait_s
+        keeping = asyncio.create_task(
+            keepalive(msg, slot, ack_wait_s), name=f"keepalive:{item.task_id}"
         )
         try:
             event = await self._execute(msg, slot)
             await self._report(event)
-            if self._still_ours(slot):
-                await _ack(msg)
+            if still_ours(slot, ack_wait_s):
+                await ack(msg)
             else:
                 # Frozen or cut off for longer than the ack wait: JetStream has likely handed
                 # the task to another executor, and our ack would delete *its* attempt's
@@ -193,21 +186,17 @@ class Executor:
         except asyncio.CancelledError:
             # Shut down mid-task: the process group is already killed; hand the task back
             # at once so another executor starts the next attempt without waiting.
-            await asyncio.shield(_nak(msg))
+            await asyncio.shield(nak(msg))
             raise
         except Exception:
             log.exception("task %s attempt %d: executor error", item.task_id, slot.attempt)
-            await _nak(msg)
+            await nak(msg)
         finally:
-            keepalive.cancel()
+            keeping.cancel()
             if self.running.get(item.task_id) is slot:  # not a newer attempt's slot
                 del self.running[item.task_id]
             self._metrics.running.set(len(self.running))
-            self._slot_freed.set()
-
-    def _still_ours(self, slot: Slot) -> bool:
-        elapsed = asyncio.get_running_loop().time() - slot.touched
-        return elapsed < self._limits.work_ack_wait_s
+            self._wake.set()
 
     def _sensitive(self, item: WorkItem) -> bool:
         """The client's mode now (the registry), not when the task was dispatched."""
@@ -286,22 +275,6 @@ class Executor:
             return None
         return tasklogs.log_path(self._log_dir, slot.item.task_id, slot.attempt, slot.started_at)
 
-    async def _keepalive(self, msg: Msg, slot: Slot) -> None:
-        interval = max(self._limits.work_ack_wait_s / 3, 0.5)
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(interval)
-            if not self._still_ours(slot):
-                continue  # too late: a progress now could extend another executor's attempt
-            try:
-                sent = loop.time()
-                # A request, not a plain publish: only the server's answer proves it counted
-                # this progress (a publish made while disconnected would just be buffered).
-                await msg._client.request(msg.reply, b"+WPI", timeout=interval)
-                slot.touched = sent
-            except Exception as exc:  # disconnected: keep trying, the server may come back
-                log.warning("in_progress for %s failed: %s", msg.subject, exc)
-
     async def _report(self, event: AnyEvent) -> None:
         """Publish an event until JetStream acknowledges it (a timeout is retried, same id)."""
         out = Outgoing(
@@ -332,7 +305,21 @@ class Executor:
             slot.cancel_reason = "cancelled by request"
             slot.cancel.set()
 
-    # -- heartbeat and drain ----------------------------------------------------------------
+    # -- cordon, heartbeat and drain --------------------------------------------------------
+
+    def cordon(self, on: bool, *, by: str = "") -> None:
+        """Stop (or resume) taking new work; running tasks are not touched."""
+        if on != self.cordoned:
+            log.info("executor %s %s by %s", self.id, "cordoned" if on else "uncordoned", by or "?")
+        self.cordoned = on
+        self._wake.set()
+        self._beat.set()
+
+    @property
+    def cordon_in_effect(self) -> bool:
+        """Cordoned, and no fetch that began before the cordon is still waiting for work:
+        what the heartbeat reports, so that a reader may rely on "no new task starts here"."""
+        return (self.cordoned or self.draining) and self._reserved == 0
 
     def snapshot(self) -> bytes:
         running = [
@@ -358,6 +345,7 @@ class Executor:
                 load=os.getloadavg()[0],
                 at=now(),
                 draining=self.draining,
+                cordoned=self.cordon_in_effect,
             )
         )
 
@@ -365,18 +353,24 @@ class Executor:
         loop = asyncio.get_running_loop()
         last_ok = loop.time()
         while True:
+            self._beat.clear()
             try:
                 await self._buckets.executors.put(self.id, self.snapshot())
                 last_ok = loop.time()
             except Exception as exc:
                 log.warning("heartbeat not stored: %s", exc)
             self._metrics.heartbeat_age.set(loop.time() - last_ok)
-            await asyncio.sleep(self._limits.heartbeat_interval_s)
+            # A cordon or drain is shown at once, not an interval later. `asyncio.timeout`, not
+            # `wait_for`: 3.11's wait_for loses a cancel that races the event being set.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._limits.heartbeat_interval_s):
+                    await self._beat.wait()
 
     async def drain(self) -> None:
         """Stop fetching, let running tasks finish until the deadline, hand back the rest."""
         self.draining = True
-        self._slot_freed.set()
+        self._wake.set()
+        self._beat.set()
         if self._tasks:
             log.info(
                 "draining: %d tasks running, waiting up to %.0fs",
@@ -395,22 +389,3 @@ class Executor:
             await self._buckets.executors.delete(self.id)
         except Exception as exc:
             log.warning("could not remove heartbeat key: %s", exc)
-
-
-async def _ack(msg: Msg) -> None:
-    for failures in range(1, ACK_TRIES + 1):
-        try:
-            await msg.ack_sync(timeout=2.0)
-            return
-        except Exception as exc:
-            log.warning("ack of %s failed (%s), try %d", msg.subject, exc, failures)
-            await asyncio.sleep(ACK_RETRY.delay(failures))
-    # Not acked: the work message is redelivered and the task runs again; its result is
-    # already reported, and the projection keeps the first terminal state of the new attempt.
-
-
-async def _nak(msg: Msg) -> None:
-    try:
-        await msg.nak()
-    except Exception as exc:
-        log.warning("nak of %s failed: %s", msg.subject, exc)

@@ -1,4 +1,5 @@
-"""`tidegate executor`: one executor process, until SIGTERM/SIGINT (then it drains)."""
+"""`tidegate executor`: one executor process, until SIGTERM/SIGINT or an operator's drain
+(either way it drains, then exits 0)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tidegate.bus.publish import Publisher
 from tidegate.bus.topology import ensure_all
 from tidegate.config import Settings
 from tidegate.executor.agent import Executor
+from tidegate.executor.control import ControlFollower
 from tidegate.executor.tasklogs import prune_loop
 from tidegate.metrics import ExecutorMetrics, serve
 from tidegate.supervise import Supervisor
@@ -48,18 +50,32 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
             if entry is not None and entry.value:
                 agent.on_cancel(entry.key, entry.value)
 
+    control = ControlFollower(buckets.executor_control, agent)
+    await control.load()
     sup = Supervisor(f"executor {agent.id}")
     sup.start("clients", clients.run)
+    sup.start("control", control.run)
     sup.start("heartbeat", agent.heartbeat_loop)
     sup.start("prune-task-logs", lambda: prune_loop(log_dir, ex.task_log_retention_h))
     sup.start("cancels", watch_cancels)
     sup.start("fetch-short", lambda: agent.fetch_loop("short"))
     sup.start("fetch-long", lambda: agent.fetch_loop("long"))
     log.info("executor %s serving pool %s with %d slots", agent.id, ex.pool, ex.slots)
-    await stop.wait()
+    await _first_of(stop, control.drain_requested)
     log.info("executor %s: stopping", agent.id)
     await agent.drain()
+    if control.drain_requested.is_set():
+        await control.mark_drained()
     await sup.stop()
     await agent.forget()
     await publisher.close()
     await nc.drain()
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waits = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

@@ -16,11 +16,11 @@ from types import TracebackType
 
 from nats.aio.client import Client as NATS
 
-from tidegate import names
 from tidegate.bus.natsconn import connect
 from tidegate.bus.publish import Outgoing, PubAck, Publisher
+from tidegate.bus.submit import task_message
 from tidegate.errors import InvalidTask, SubmitError
-from tidegate.wire import NAME_RE, TaskSpec, decode_spec, encode, task_id
+from tidegate.wire import NAME_RE, TaskSpec, task_id
 
 DEFAULT_MAX_TASK_BYTES = 64 * 1024
 
@@ -58,19 +58,7 @@ class TidegateClient:
 
     def prepare(self, spec: TaskSpec) -> Outgoing:
         """Validate and encode one task; raises `InvalidTask` with the reason."""
-        payload = encode(spec)
-        # A round trip through the decoder applies the field constraints (key and pool
-        # patterns, bounds) that constructing a struct in code does not check.
-        decode_spec(payload)
-        if len(payload) > self._max_bytes:
-            raise InvalidTask(
-                f"task {spec.key!r} is {len(payload)} bytes; the limit is {self._max_bytes}"
-            )
-        return Outgoing(
-            subject=names.submit_subject(self.client),
-            payload=payload,
-            msg_id=names.msg_id(self.client, spec.key),
-        )
+        return task_message(self.client, spec, max_task_bytes=self._max_bytes)
 
     def _receipt(self, spec: TaskSpec, ack: PubAck) -> Receipt:
         return Receipt(task_id=task_id(self.client, spec.key), seq=ack.seq, duplicate=ack.duplicate)

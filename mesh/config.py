@@ -65,6 +65,9 @@ class DriverSettings:
     dispatch_quantum: int = 500  # most tasks of one client moved per round
     dispatch_backlog_per_slot: int = 4  # a pool's work queue holds this many tasks per slot
     dispatch_min_backlog: int = 64  # ... and at least this many (pools with no live executor)
+    # How often a driver publishes its counters to the stats stream (the console's charts and
+    # rates): shorter gives finer charts, at one small message per driver per period.
+    stats_every_s: float = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,6 +2,10 @@
 
 `tidegate up` writes it (atomically, private to its user: a URL may hold a password); the other
 commands read it when `TIDEGATE_NATS_URL` / `TIDEGATE_DATABASE_URL` are not set.
+
+`DATA_DIR/operator.json` keeps the console login `up` generated for its first operator: the
+database holds only the password's hash, so this file is what lets a later `up` on the same
+directory show the same login again.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,18 @@ from tidegate.config import Connection, Settings
 from tidegate.errors import ConfigError
 
 ENDPOINTS_FILE = "endpoints.json"
-OPERATOR_LOGIN = "none yet (the console has no login; it listens on loopback only)"
+OPERATOR_FILE = "operator.json"
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorLogin:
+    """A console login in clear text: only ever the one `tidegate up` generated."""
+
+    username: str
+    password: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"username": self.username, "password": self.password}
 
 
 def endpoints_path(data_dir: Path) -> Path:
@@ -56,6 +72,20 @@ def write_endpoints(path: Path, value: dict[str, Any]) -> None:
         json.dump(value, fh, indent=2)
         fh.write("\n")
     os.replace(tmp, path)
+
+
+def read_operator_login(data_dir: Path) -> OperatorLogin | None:
+    """The login `up` saved in this data directory, or None (none saved, or unreadable)."""
+    try:
+        found = json.loads((data_dir / OPERATOR_FILE).read_text())
+        return OperatorLogin(username=str(found["username"]), password=str(found["password"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_operator_login(data_dir: Path, login: OperatorLogin) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_endpoints(data_dir / OPERATOR_FILE, login.as_json())
 
 
 def redact(url: str) -> str:

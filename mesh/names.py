@@ -17,11 +17,13 @@ TASKS_STREAM: Final = "TG_TASKS"  # submissions, a work queue drained by the dri
 READY_STREAM: Final = "TG_READY"  # validated tasks waiting for their client's turn, cap and rate
 WORK_STREAM: Final = "TG_WORK"  # dispatched tasks, a work queue per pool and class
 EVENTS_STREAM: Final = "TG_EVENTS"  # state events, kept until projector and notifier acked them
+STATS_STREAM: Final = "TG_STATS"  # drivers' counter samples of the last hour (console charts)
 
 SUBMIT_ALL: Final = "tg.submit.>"
 READY_ALL: Final = "tg.ready.>"
 WORK_ALL: Final = "tg.work.>"
 EVENT_ALL: Final = "tg.event.>"
+STATS_ALL: Final = "tg.stats.>"
 
 # Durable consumers --------------------------------------------------------------------------
 LEGACY_ROUTE_CONSUMER: Final = "route"  # one consumer for all clients, before fair routing
@@ -30,10 +32,12 @@ NOTIFY_CONSUMER: Final = "notify"
 
 # KV buckets ---------------------------------------------------------------------------------
 EXECUTORS_BUCKET: Final = "tg_executors"  # heartbeats; a key that ages out is a dead executor
+EXECUTOR_CONTROL_BUCKET: Final = "tg_executor_control"  # cordon/drain, keyed by executor id
 CLIENTS_BUCKET: Final = "tg_clients"  # mirror of the clients table
 CANCEL_BUCKET: Final = "tg_cancel"  # cancel requests, keyed by encoded task id
 LEASES_BUCKET: Final = "tg_leases"  # short leases: one notifier, one dispatcher per client
 DISPATCH_BUCKET: Final = "tg_dispatch"  # per-client rate-limit state shared by all drivers
+SESSIONS_BUCKET: Final = "tg_console_sessions"  # console logins; a key ages out with its session
 NOTIFIER_LEASE: Final = "notifier"
 
 TASK_CLASSES: Final[tuple[TaskClass, ...]] = ("short", "long")
@@ -112,6 +116,12 @@ def work_consumer(pool: str, task_class: TaskClass) -> str:
 
 def event_subject(client: str) -> str:
     return f"tg.event.{client}"
+
+
+def stats_subject(driver: str) -> str:
+    """Where one driver publishes its counter samples. A driver id holds its host name,
+    whose dots would split the subject into more tokens: anything unplain becomes `_`."""
+    return "tg.stats." + (re.sub(r"[^A-Za-z0-9_-]", "_", driver) or "_")
 
 
 def callback_subject(client: str) -> str:

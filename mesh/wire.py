@@ -259,6 +259,9 @@ class Heartbeat(Struct, frozen=True, kw_only=True):
     load: float
     at: datetime
     draining: bool = False
+    # Takes no new work (an operator's cordon, or a drain). Defaults keep older heartbeats
+    # decodable.
+    cordoned: bool = False
 
 
 _heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
@@ -266,6 +269,28 @@ _heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
 
 def decode_heartbeat(data: bytes) -> Heartbeat:
     return _heartbeat_decoder.decode(data)
+
+
+class ExecutorControl(Struct, frozen=True, kw_only=True):
+    """An operator's instruction to one executor, the value of its key in the control bucket.
+
+    `cordoned`: take no new work (running tasks go on) until a value without it arrives.
+    `drain`: cordon, let the running tasks finish (up to the drain timeout, then hand back the
+    rest) and exit; the executor then rewrites its key as cordoned only, so that it comes back
+    cordoned when restarted.
+    """
+
+    cordoned: bool
+    drain: bool = False
+    by: str
+    at: datetime
+
+
+_control_decoder = msgspec.json.Decoder(ExecutorControl)
+
+
+def decode_executor_control(data: bytes) -> ExecutorControl:
+    return _control_decoder.decode(data)
 
 
 def encode(msg: Struct) -> bytes:
@@ -294,3 +319,34 @@ class ClientRecord(Struct, frozen=True, kw_only=True):
     callback_batch_max: Annotated[int, Meta(ge=1, le=1000)] = 1  # >1: callbacks as JSON arrays
     created_at: datetime | None = None  # set by the database
     updated_at: datetime | None = None
+
+
+# --- driver statistics -------------------------------------------------------------------------
+
+
+class DriverStats(Struct, frozen=True, kw_only=True):
+    """One driver's cumulative counters since it started, published on `tg.stats.<driver>`.
+
+    Counters, not rates: a lost or late sample costs resolution, never a count, and any
+    reader can take differences over whatever span it likes. A driver that restarts starts
+    from zero with a new `started_at`; readers treat a drop as a reset, never as negative.
+    """
+
+    driver: str
+    started_at: datetime
+    at: datetime
+    seq: int  # samples stored before this one since start: 0 = counts begin at `started_at`
+    every_s: float  # the sampling period, so a reader can tell a gap from the normal pace
+    accepted: int  # submissions routed or rejected
+    finished: int  # terminal events projected
+    commits: int  # database commits of the projection (and of sensitive group commits)
+    rows: int  # task rows those commits wrote
+    callbacks_delivered: int  # at once or by an outbox retry
+    callbacks_outboxed: int  # failed at once, written to the outbox
+
+
+_driver_stats_decoder = msgspec.json.Decoder(DriverStats)
+
+
+def decode_driver_stats(data: bytes) -> DriverStats:
+    return _driver_stats_decoder.decode(data)

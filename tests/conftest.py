@@ -16,6 +16,7 @@ import pytest
 from harness import CLIENTS, Cluster, register
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from upharness import Up, stop_all
 
 from tidegate.embedded.servers import EmbeddedNats, EmbeddedPostgres
 from tidegate.store.migrate import migrate
@@ -85,3 +86,11 @@ def cluster(nats_url: str, engine_db: str, tmp_path: Path) -> Iterator[Cluster]:
 async def db(engine_db: str) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
     async with await psycopg.AsyncConnection.connect(engine_db, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def ups() -> Iterator[list[Up]]:
+    """Every `tidegate up` a test makes; whatever is still running afterwards is stopped."""
+    made: list[Up] = []
+    yield made
+    stop_all(made)

@@ -44,6 +44,12 @@ ROUTE_ACK_WAIT_S = 30.0
 READY_ACK_WAIT_S = 30.0
 PROJECTOR_ACK_WAIT_S = 30.0
 NOTIFY_ACK_WAIT_S = 60.0
+# The drivers' counter samples: the console charts the last hour, so older samples age out.
+# Small by nature (a sample every few seconds per driver); the byte cap only guards against a
+# runaway publisher, and the oldest go first when it is hit: a history, not a buffer.
+STATS_MAX_AGE_S = 3600.0
+STATS_MAX_BYTES = 64 * 1024**2
+STATS_MAX_MSG_BYTES = 4096
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -85,6 +91,19 @@ def _stream(
     )
 
 
+def _stats_stream() -> StreamConfig:
+    return StreamConfig(
+        name=names.STATS_STREAM,
+        subjects=[names.STATS_ALL],
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        max_age=STATS_MAX_AGE_S,
+        max_bytes=STATS_MAX_BYTES,
+        max_msg_size=STATS_MAX_MSG_BYTES,
+        storage=StorageType.FILE,
+    )
+
+
 def _durable(
     name: str, subject: str, *, ack_wait: float, max_ack_pending: int, **more: Any
 ) -> ConsumerConfig:
@@ -123,6 +142,7 @@ async def ensure_streams(js: JetStreamContext, limits: Limits) -> None:
             limits.events_max_bytes,
             limits,
         ),
+        _stats_stream(),
     ):
         await _ensure_stream(js, config)
     # A work-queue stream allows no overlapping consumers: the single all-clients route
@@ -196,6 +216,7 @@ class Buckets:
     cancel: KeyValue
     leases: KeyValue
     dispatch: KeyValue
+    executor_control: KeyValue
 
 
 async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
@@ -263,8 +284,37 @@ async def ensure_buckets(js: JetStreamContext, limits: Limits) -> Buckets:
             storage=StorageType.MEMORY,
         ),
     )
+    # An operator's cordon outlives the executor's restarts (and NATS's): file storage, no TTL.
+    executor_control = await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.EXECUTOR_CONTROL_BUCKET,
+            history=1,
+            storage=StorageType.FILE,
+        ),
+    )
     return Buckets(
-        executors=executors, clients=clients, cancel=cancel, leases=leases, dispatch=dispatch
+        executors=executors,
+        clients=clients,
+        cancel=cancel,
+        leases=leases,
+        dispatch=dispatch,
+        executor_control=executor_control,
+    )
+
+
+async def ensure_sessions_bucket(js: JetStreamContext, max_age_s: float) -> KeyValue:
+    """The console's login sessions, made by the console when it first needs it (no other
+    component does). On file, so a NATS restart logs nobody out; an idle session's key ages
+    out with the session."""
+    return await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.SESSIONS_BUCKET,
+            history=1,
+            ttl=max_age_s,
+            storage=StorageType.FILE,
+        ),
     )
 
 

@@ -1,10 +1,12 @@
-"""`tidegate bench flood` (the `embedded` extra)."""
+"""`tidegate bench flood` and `tidegate bench console` (the `embedded` extra)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from tidegate.bench import timing
+from tidegate.bench.console import WARMUP, deep_page_for, run_console_bench
 from tidegate.bench.model import COMMAND, MODES, FloodConfig
 from tidegate.bench.report import format_json, format_table
 from tidegate.bench.run import run_flood
@@ -27,4 +29,23 @@ def flood(args: argparse.Namespace, command: Command) -> int:
         sys.stdout.write(format_json(report) + "\n")
     else:
         print(format_table(report))
+    return 0 if report.ok else 1
+
+
+def console(args: argparse.Namespace, command: Command) -> int:
+    """0 when every page answered as it should; whether p95 met the target is in the report."""
+    cfg = timing.ConsoleConfig(
+        rows=args.rows,
+        clients=args.clients,
+        days=args.days,
+        requests=args.requests,
+        warmup=WARMUP,
+        deep_page=deep_page_for(args.rows),
+        target_ms=timing.TARGET_MS,
+    )
+    report = run_console_bench(cfg, work_dir=args.work_dir, keep=args.keep)
+    if args.json:
+        sys.stdout.write(timing.format_json(report) + "\n")
+    else:
+        print(timing.format_table(report))
     return 0 if report.ok else 1

@@ -11,13 +11,13 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from nats.js.kv import KeyValue
 
-from tidegate.bus.clients import publish_client
 from tidegate.bus.natsconn import connect
 from tidegate.bus.topology import ensure_buckets
 from tidegate.cli.commands import Command
 from tidegate.cli.options import settings_from
 from tidegate.endpoints import resolve_connection
 from tidegate.errors import InvalidTask
+from tidegate.registry import add_client, change_client
 from tidegate.store.store import Store
 from tidegate.wire import NAME_RE, ClientRecord
 
@@ -74,8 +74,7 @@ def add(args: argparse.Namespace, command: Command) -> int:
     )
 
     async def work(store: Store, kv: KeyValue) -> int:
-        stored = await store.add_client(record)
-        await publish_client(kv, stored)
+        await add_client(store, kv, record)
         print(f"client {args.name} added")
         if secret and not args.callback_secret:
             print(f"callback secret (verify X-Tidegate-Signature with it): {secret}")
@@ -107,8 +106,7 @@ def set_(args: argparse.Namespace, command: Command) -> int:
         raise InvalidTask("nothing to change: give at least one option")
 
     async def work(store: Store, kv: KeyValue) -> int:
-        record = await store.update_client(args.name, **changes)
-        await publish_client(kv, record)
+        await change_client(store, kv, args.name, **changes)
         shown = {k: ("***" if k == "callback_secret" else v) for k, v in changes.items()}
         print(f"client {args.name} updated: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
         return 0

@@ -63,6 +63,45 @@ COMMANDS: Sequence[Command] = (
         o.CLIENT_SET,
     ),
     Command(
+        ("operator", "add"),
+        "add a console operator; prints a generated password once",
+        _h("operators", "add"),
+        SERVER,
+        o.OPERATOR_ADD,
+    ),
+    Command(
+        ("operator", "list"), "list console operators", _h("operators", "list_"), SERVER, (o.JSON,)
+    ),
+    Command(
+        ("operator", "set-password"),
+        "give an operator a new password (their console sessions end)",
+        _h("operators", "set_password"),
+        SERVER,
+        o.OPERATOR_SET_PASSWORD,
+    ),
+    Command(
+        ("operator", "remove"),
+        "remove a console operator (their console sessions end)",
+        _h("operators", "remove"),
+        SERVER,
+        (o.OPERATOR_NAME,),
+    ),
+    Command(
+        ("token", "add"),
+        "make an API token for the console's JSON API; prints the token once",
+        _h("tokens", "add"),
+        SERVER,
+        o.TOKEN_ADD,
+    ),
+    Command(("token", "list"), "list API tokens", _h("tokens", "list_"), SERVER, (o.JSON,)),
+    Command(
+        ("token", "revoke"),
+        "revoke an API token (refused within seconds)",
+        _h("tokens", "revoke"),
+        SERVER,
+        (o.TOKEN_NAME,),
+    ),
+    Command(
         ("submit",),
         "submit a task (or --file F.jsonl), print its id",
         _h("submit", "submit"),
@@ -87,10 +126,19 @@ COMMANDS: Sequence[Command] = (
         EMBEDDED,
         o.BENCH_FLOOD,
     ),
+    Command(
+        ("bench", "console"),
+        "the console's answer times with N rows in the tasks table (p95 per page)",
+        _h("bench", "console"),
+        EMBEDDED,
+        o.BENCH_CONSOLE,
+    ),
 )
 
 GROUPS = {
     "client": "manage client systems",
+    "operator": "manage the console's operator accounts",
+    "token": "manage the API tokens of the console's JSON API",
     "task": "one task",
     "bench": "benchmarks on a private, temporary stack",
 }

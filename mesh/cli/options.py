@@ -213,6 +213,31 @@ SUBMIT = (
     opt("--file", help="JSON lines, one task spec per line, instead of one task"),
     opt("argv", nargs="*", help="the command to run, after `--`"),
 )
+OPERATOR_NAME = opt("name", help="the operator's username (letters, digits, '_', '.', '-')")
+PASSWORD_STDIN = opt(
+    "--password-stdin",
+    action="store_true",
+    help="read the password from standard input (default: generate one and print it once)",
+)
+OPERATOR_ADD = (
+    OPERATOR_NAME,
+    opt(
+        "--role",
+        choices=["viewer", "operator"],
+        default="viewer",
+        help="viewer (default): reads everything; operator: may also change things",
+    ),
+    PASSWORD_STDIN,
+)
+OPERATOR_SET_PASSWORD = (OPERATOR_NAME, PASSWORD_STDIN)
+TOKEN_NAME = opt("name", help="the token's name (letters, digits, '_', '.', '-')")
+TOKEN_ADD = (
+    TOKEN_NAME,
+    opt("--client", help="scope: submit, read and cancel this client's own tasks, nothing else"),
+    opt("--operator", action="store_true", help="scope: what an operator may do in the console"),
+    opt("--viewer", action="store_true", help="scope: read what the console shows, change nothing"),
+    JSON,
+)
 TASK_ID = opt("id", help="the task id, CLIENT:KEY")
 TASKS = (
     opt("--client", help="only this client's tasks"),
@@ -220,6 +245,8 @@ TASKS = (
     opt("--limit", type=positive_int, default=100, help="at most this many, newest first"),
     JSON,
 )
+BENCH_WORK_DIR = opt("--work-dir", type=Path, help="parent of the temporary stack directories")
+BENCH_KEEP = opt("--keep", action="store_true", help="keep the stack's data and logs")
 BENCH_FLOOD = (
     opt("--tasks", type=positive_int, default=20_000, help="tasks in the flood"),
     opt("--clients", type=positive_int, default=10, help="client systems submitting them"),
@@ -236,8 +263,32 @@ BENCH_FLOOD = (
         type=float,
         help="seconds for all tasks to finish, per mode (default: 60 + tasks/100)",
     ),
-    opt("--work-dir", type=Path, help="parent of the temporary stack directories"),
-    opt("--keep", action="store_true", help="keep the stack's data and logs"),
+    BENCH_WORK_DIR,
+    BENCH_KEEP,
+    JSON,
+)
+BENCH_CONSOLE = (
+    opt(
+        "--rows",
+        type=positive_int,
+        default=1_000_000,
+        help="rows filled into the tasks table (default 1,000,000)",
+    ),
+    opt(
+        "--clients",
+        type=positive_int,
+        default=20,
+        help="client systems the rows belong to (default 20)",
+    ),
+    opt(
+        "--days",
+        type=positive_int,
+        default=7,
+        help="days (day partitions) the rows span (default 7)",
+    ),
+    opt("--requests", type=positive_int, default=50, help="timed GETs of each page (default 50)"),
+    BENCH_WORK_DIR,
+    BENCH_KEEP,
     JSON,
 )
 

@@ -6,17 +6,15 @@ import argparse
 import asyncio
 import uuid
 
-from nats.aio.client import Client as NATS
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
-
-from tidegate import names
+from tidegate.bus.cancel import request_cancel
 from tidegate.bus.natsconn import connect
+from tidegate.bus.submit import check_registered
 from tidegate.bus.topology import ensure_buckets
 from tidegate.cli.commands import Command
 from tidegate.cli.options import settings_from
 from tidegate.client import TidegateClient
 from tidegate.endpoints import resolve_connection
-from tidegate.errors import InvalidTask, UnknownClient
+from tidegate.errors import InvalidTask
 from tidegate.wire import TaskSpec, check_spec, decode_spec
 
 
@@ -57,19 +55,6 @@ def _pair(text: str) -> tuple[str, str]:
     return name, value
 
 
-async def check_client(nc: NATS, client: str) -> None:
-    """Refuse a client the drivers do not know: its task would only be rejected later."""
-    try:
-        kv = await nc.jetstream().key_value(names.CLIENTS_BUCKET)
-        entry = await kv.get(client)
-    except (BucketNotFoundError, KeyNotFoundError):
-        entry = None
-    if entry is None or entry.value is None:
-        raise UnknownClient(
-            f"no client {client!r} is registered: add it with `tidegate client add {client}`"
-        )
-
-
 def submit(args: argparse.Namespace, command: Command) -> int:
     specs = _specs(args)
     conn = resolve_connection(settings_from(args, command.options))
@@ -77,7 +62,7 @@ def submit(args: argparse.Namespace, command: Command) -> int:
     async def main() -> int:
         nc = await connect(conn.nats_url, f"tidegate-submit-{args.client}")
         try:
-            await check_client(nc, args.client)
+            await check_registered(nc.jetstream(), args.client)
             tg = TidegateClient(nc, args.client)
             receipts = await tg.submit_many(specs)
         finally:
@@ -97,7 +82,7 @@ def cancel(args: argparse.Namespace, command: Command) -> int:
         nc = await connect(conn.nats_url, "tidegate-cli")
         try:
             buckets = await ensure_buckets(nc.jetstream(), settings.limits)
-            await buckets.cancel.put(names.kv_key(args.id), args.id.encode())
+            await request_cancel(buckets.cancel, args.id)
         finally:
             await nc.drain()
         print(f"cancel requested for {args.id}")

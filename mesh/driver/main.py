@@ -28,6 +28,7 @@ from tidegate.driver.dispatch import Dispatcher
 from tidegate.driver.notify import Notifier
 from tidegate.driver.projector import Projector
 from tidegate.driver.route import Router
+from tidegate.driver.stats import StatsSampler
 from tidegate.metrics import DriverMetrics, serve
 from tidegate.store.migrate import migrate
 from tidegate.store.store import Store
@@ -120,6 +121,8 @@ class Driver:
         sup.start("project", self.projector.run)
         sup.start("notify", self.notifier.run)
         sup.start("gauges", self._gauges)
+        stats = StatsSampler(js, self.metrics, self.leases.owner, d.stats_every_s)
+        sup.start("stats", stats.run)
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.scheduler.add_job(
             self._retention,

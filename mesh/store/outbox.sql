@@ -106,6 +106,14 @@ SELECT count(*) AS n FROM callback_outbox;
 -- name: outbox_count_client
 SELECT count(*) AS n FROM callback_outbox WHERE client = %(client)s;
 
+-- name: outbox_count_failing
+-- Rows whose retries failed as well (a row starts at one attempt, the failure that put it
+-- here): the endpoint is still failing, not just slow once. The outbox stays small.
+SELECT count(*) AS n FROM callback_outbox WHERE attempts > 1;
+
+-- name: dead_letters_count
+SELECT count(*) AS n FROM callback_dead_letters;
+
 -- name: dead_letters_all
 SELECT event_id, task_id, client, state, attempts, last_error, created_at, dead_at, payload
 FROM callback_dead_letters
@@ -118,3 +126,113 @@ FROM callback_dead_letters
 WHERE client = %(client)s
 ORDER BY dead_at DESC, id DESC
 LIMIT %(limit)s;
+
+-- --- the console's Callbacks page (mesh/store/callbacks.py) ------------------------------------
+
+-- name: callbacks_summary
+-- Per client: callbacks waiting in the outbox (and how many of those are due) and dead letters.
+-- A full scan of both tables, which stay small except during an outage; the page bounds the
+-- read in time.
+SELECT client, sum(outbox)::bigint AS outbox, sum(due)::bigint AS due, sum(dead)::bigint AS dead
+FROM (
+    SELECT client, count(*) AS outbox, count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
+           0 AS dead
+    FROM callback_outbox GROUP BY client
+    UNION ALL
+    SELECT client, 0, 0, count(*) FROM callback_dead_letters GROUP BY client
+) AS s
+GROUP BY client
+ORDER BY client;
+
+-- name: callbacks_outbox_page
+-- Delivery order (id), keyset-paged. A client's rows go out only from its oldest row (the
+-- retry job's rule), so each row carries that head and when the head is next tried: the
+-- earliest this row can go. Optional filter: sent unprepared, so the plan uses (client, id).
+SELECT o.id, o.event_id, o.task_id, o.client, o.state, o.attempts, o.next_attempt_at,
+       o.last_error, o.created_at,
+       extract(epoch FROM now() - o.created_at)::double precision AS age_s,
+       h.id AS head_id,
+       extract(epoch FROM h.next_attempt_at - now())::double precision AS wait_s
+FROM callback_outbox o
+CROSS JOIN LATERAL (
+    SELECT i.id, i.next_attempt_at FROM callback_outbox i
+    WHERE i.client = o.client ORDER BY i.id LIMIT 1) AS h
+WHERE (%(client)s::text IS NULL OR o.client = %(client)s)
+  AND o.id > %(after_id)s
+ORDER BY o.id
+LIMIT %(limit)s;
+
+-- name: callbacks_ping
+-- Before a change: a database that does not answer this has certainly not been changed.
+SELECT 1 AS ok;
+
+-- name: callbacks_outbox_row
+SELECT id, event_id, task_id, client FROM callback_outbox WHERE id = %(id)s;
+
+-- name: callbacks_outbox_scope
+-- What a bulk "retry now" touches: the rows up to `upto` (all when null), and the newest id,
+-- so a confirmed action covers the rows counted, not ones that arrived since.
+SELECT count(*) AS n, max(id) AS upto
+FROM callback_outbox
+WHERE (%(client)s::text IS NULL OR client = %(client)s)
+  AND (%(upto)s::bigint IS NULL OR id <= %(upto)s);
+
+-- name: callbacks_lock_timeout
+-- SET LOCAL cannot take a parameter; set_config(..., true) is the same, for this transaction.
+SELECT set_config('lock_timeout', %(timeout)s, true);
+
+-- name: callbacks_lock_clients
+-- The retry job's per-client lock (outbox_lock_client), waited for rather than tried: while
+-- the console holds it no retry pass claims the client, so no pass sees half a change or
+-- skips a row the console has locked (which would send a later row before it). Callers pass
+-- the names sorted, so two consoles cannot deadlock; unnest keeps the array's order.
+SELECT pg_advisory_xact_lock(hashtext('tidegate.callbacks'), hashtext(c))
+FROM unnest(%(clients)s::text[]) AS c;
+
+-- name: callbacks_retry_now
+-- Due at once: the next retry pass (any driver, every second) sends these rows, in id order.
+UPDATE callback_outbox
+SET next_attempt_at = now()
+WHERE client = ANY(%(clients)s::text[])
+  AND id <= %(upto)s
+  AND next_attempt_at > now();
+
+-- name: callbacks_dead_page
+-- Newest dead letters first, keyset-paged by id. Optional filter: sent unprepared.
+SELECT id, event_id, task_id, client, state, attempts, last_error, created_at, dead_at
+FROM callback_dead_letters
+WHERE (%(client)s::text IS NULL OR client = %(client)s)
+  AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: callbacks_dead_row
+SELECT id, event_id, task_id, client FROM callback_dead_letters WHERE id = %(id)s;
+
+-- name: callbacks_dead_scope
+SELECT count(*) AS n, max(id) AS upto
+FROM callback_dead_letters
+WHERE client = %(client)s
+  AND (%(upto)s::bigint IS NULL OR id <= %(upto)s);
+
+-- name: callbacks_redrive
+-- Dead letters back into the outbox in one statement: same event_id and payload, due now,
+-- attempts and age reset (a row buried for its age would be buried again at once). New ids
+-- put them behind the client's waiting rows, in the order they were first outboxed. An event
+-- already waiting in the outbox (redelivered since) keeps its row; its dead letter goes.
+WITH moved AS (
+    DELETE FROM callback_dead_letters
+    WHERE client = %(client)s AND id BETWEEN %(first)s AND %(last)s
+    RETURNING id, event_id, task_id, client, state, payload, last_error, created_at
+), queued AS (
+    INSERT INTO callback_outbox (
+        event_id, task_id, client, state, payload, attempts, next_attempt_at, last_error,
+        created_at)
+    SELECT event_id, task_id, client, state, payload, 0, now(), last_error, now()
+    FROM moved
+    ORDER BY created_at, id
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM queued) AS queued,
+       (SELECT min(id) FROM queued) AS first_id;

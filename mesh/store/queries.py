@@ -17,8 +17,9 @@ from typing import Final
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$")
 
 # The projection, clients and migrations; then the callback outbox, which only the driver's
-# callback stages use but which lives in the same database and pool.
-FILES: Final = ("queries.sql", "outbox.sql")
+# callback stages use but which lives in the same database and pool; then the console's
+# operator accounts and audit log, and the API tokens of its JSON API.
+FILES: Final = ("queries.sql", "outbox.sql", "console.sql", "tokens.sql")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,9 @@ class Queries:
     get_client: str
     list_clients: str
     update_client: str
+    client_health: str
+    search_tasks: str
+    task_runs: str
     # outbox.sql
     outbox_enqueue: str
     outbox_pending_clients: str
@@ -54,8 +58,39 @@ class Queries:
     outbox_bury: str
     outbox_count_all: str
     outbox_count_client: str
+    outbox_count_failing: str
+    dead_letters_count: str
     dead_letters_all: str
     dead_letters_client: str
+    callbacks_summary: str
+    callbacks_outbox_page: str
+    callbacks_ping: str
+    callbacks_outbox_row: str
+    callbacks_outbox_scope: str
+    callbacks_lock_timeout: str
+    callbacks_lock_clients: str
+    callbacks_retry_now: str
+    callbacks_dead_page: str
+    callbacks_dead_row: str
+    callbacks_dead_scope: str
+    callbacks_redrive: str
+    # console.sql
+    operator_add: str
+    operator_add_first: str
+    operator_get: str
+    operator_list: str
+    operator_roster: str
+    operator_set_password: str
+    operator_remove: str
+    audit_record: str
+    audit_list: str
+    audit_list_before: str
+    # tokens.sql
+    token_client_exists: str
+    token_add: str
+    token_list: str
+    token_revoke: str
+    token_find: str
 
 
 def parse(text: str, source: str = "<sql>") -> dict[str, str]:

@@ -144,3 +144,39 @@ UPDATE clients AS c SET
     updated_at = now()
 WHERE c.name = %(name)s
 RETURNING c.*;
+
+-- name: client_health
+-- Per client: terminal failures in the last hour, callbacks waiting in the outbox and dead
+-- letters. The day bound lets the planner skip old partitions of `tasks`.
+SELECT c.name AS client,
+       (SELECT count(*) FROM tasks t
+         WHERE t.client = c.name
+           AND t.state IN ('failed', 'timed_out', 'lost', 'rejected')
+           AND t.submitted_on >= (now() - interval '2 days')::date
+           AND t.finished_at >= now() - interval '1 hour') AS failed_1h,
+       (SELECT count(*) FROM callback_outbox o WHERE o.client = c.name) AS outbox,
+       (SELECT count(*) FROM callback_dead_letters d WHERE d.client = c.name) AS dead
+  FROM clients c
+ ORDER BY c.name;
+
+-- name: search_tasks
+-- Optional filters, sent unprepared (see Store.fetch_all) so each absent one folds away and the
+-- plan uses an index. Keyset pagination on (submitted_at, task_id): a deep page costs what the
+-- first does. The submitted_on bounds prune day partitions.
+SELECT * FROM task_records
+WHERE (%(client)s::text IS NULL OR client = %(client)s)
+  AND (%(state)s::text IS NULL OR state = %(state)s)
+  AND (%(pool)s::text IS NULL OR pool = %(pool)s)
+  AND (%(key_prefix)s::text IS NULL OR key LIKE %(key_prefix)s)
+  AND (%(since)s::timestamptz IS NULL OR submitted_at >= %(since)s)
+  AND (%(since)s::timestamptz IS NULL OR submitted_on >= (%(since)s AT TIME ZONE 'UTC')::date)
+  AND (%(until)s::timestamptz IS NULL OR submitted_at < %(until)s)
+  AND (%(until)s::timestamptz IS NULL OR submitted_on <= (%(until)s AT TIME ZONE 'UTC')::date)
+  AND (%(after_at)s::timestamptz IS NULL
+       OR (submitted_at, task_id) < (%(after_at)s, %(after_id)s::text))
+ORDER BY submitted_at DESC, task_id DESC
+LIMIT %(limit)s;
+
+-- name: task_runs
+SELECT * FROM task_records WHERE task_id = %(task_id)s ORDER BY submitted_at DESC;
+

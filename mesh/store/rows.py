@@ -235,3 +235,25 @@ class ClientChanges(TypedDict, total=False):
     default_pool: str
     paused: bool
     callback_batch_max: int
+
+
+class ClientHealth(Struct, frozen=True, kw_only=True):
+    """What the console shows of a client's recent trouble."""
+
+    client: str
+    failed_1h: int  # terminal failures (failed, timed out, lost, rejected) in the last hour
+    outbox: int  # callbacks waiting for a retry
+    dead: int  # callbacks that exhausted their retries
+
+
+class TaskSearch(Struct, frozen=True, kw_only=True):
+    """A filtered, keyset-paginated list of tasks (the console's Tasks page)."""
+
+    client: str | None = None
+    state: str | None = None
+    pool: str | None = None
+    key: str | None = None  # a prefix of the client's key
+    since: datetime | None = None  # submitted at or after
+    until: datetime | None = None  # submitted before
+    after: tuple[datetime, str] | None = None  # (submitted_at, task_id) of the previous page's last
+    limit: int = 50

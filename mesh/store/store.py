@@ -25,8 +25,10 @@ from tidegate.errors import StoreError, UnknownClient, UsageError
 from tidegate.store.queries import Q
 from tidegate.store.rows import (
     ClientChanges,
+    ClientHealth,
     TaskRecord,
     TaskRow,
+    TaskSearch,
     coalesce,
     columns,
 )
@@ -100,9 +102,11 @@ class Session:
         await cur.execute(query, params)
         return await cur.fetchone()
 
-    async def fetch_all(self, query: str, params: Params | None = None) -> list[Row]:
+    async def fetch_all(
+        self, query: str, params: Params | None = None, *, prepare: bool | None = None
+    ) -> list[Row]:
         cur = self._conn.cursor(row_factory=dict_row)
-        await cur.execute(query, params)
+        await cur.execute(query, params, prepare=prepare)
         return await cur.fetchall()
 
 
@@ -182,10 +186,17 @@ class Store:
             return await session.fetch_one(query, params)
 
     async def fetch_all(
-        self, query: str, params: Params | None = None, *, what: str | None = None
+        self,
+        query: str,
+        params: Params | None = None,
+        *,
+        what: str | None = None,
+        prepare: bool | None = None,
     ) -> list[Row]:
+        """`prepare=False` for a statement with optional filters (`%(x)s IS NULL OR …`): a
+        prepared statement's generic plan cannot drop the absent ones and use an index."""
         async with self._session(what) as session:
-            return await session.fetch_all(query, params)
+            return await session.fetch_all(query, params, prepare=prepare)
 
     # --- the projection ----------------------------------------------------------------------
 
@@ -256,6 +267,28 @@ class Store:
         row = await self.fetch_one(Q.get_task, {"task_id": task_id}, what="get_task")
         return None if row is None else msgspec.convert(row, TaskRecord)
 
+    async def search_tasks(self, search: TaskSearch) -> list[TaskRecord]:
+        """One page of tasks, newest first, after `search.after` (keyset: no OFFSET)."""
+        after_at, after_id = search.after or (None, None)
+        params = {
+            "client": search.client,
+            "state": search.state,
+            "pool": search.pool,
+            "key_prefix": _like_prefix(search.key) if search.key else None,
+            "since": search.since,
+            "until": search.until,
+            "after_at": after_at,
+            "after_id": after_id,
+            "limit": search.limit,
+        }
+        rows = await self.fetch_all(Q.search_tasks, params, what="search_tasks", prepare=False)
+        return [msgspec.convert(r, TaskRecord) for r in rows]
+
+    async def task_runs(self, task_id: str) -> list[TaskRecord]:
+        """Every row of a task id, newest run first (a key reused after the dedup window)."""
+        rows = await self.fetch_all(Q.task_runs, {"task_id": task_id}, what="task_runs")
+        return [msgspec.convert(r, TaskRecord) for r in rows]
+
     async def list_tasks(
         self, *, client: str | None = None, state: str | None = None, limit: int = 100
     ) -> list[TaskRecord]:
@@ -307,6 +340,11 @@ class Store:
         rows = await self.fetch_all(Q.list_clients, what="list_clients")
         return [msgspec.convert(r, ClientRecord) for r in rows]
 
+    async def client_health(self) -> dict[str, ClientHealth]:
+        """Failures of the last hour and callback backlog, per client (the console)."""
+        rows = await self.fetch_all(Q.client_health, what="client_health")
+        return {r["client"]: msgspec.convert(r, ClientHealth) for r in rows}
+
     async def update_client(self, name: str, **changes: Unpack[ClientChanges]) -> ClientRecord:
         """Change some columns of a client; returns the client as stored afterwards."""
         unknown = changes.keys() - _CLIENT_FIELDS
@@ -338,3 +376,8 @@ class Store:
         if row is None:
             raise UnknownClient(f"no client named {name!r}; add it with `tidegate client add`")
         return msgspec.convert(row, ClientRecord)
+
+
+def _like_prefix(text: str) -> str:
+    """`text` as a LIKE prefix pattern: its own % and _ match only themselves."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

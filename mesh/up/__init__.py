@@ -12,9 +12,11 @@ Layout of the data directory:
     run/<name>.pid      each child's pid; run/up.lock is held while `up` runs
     logs/<name>.log     each child's output (executors also keep task logs here)
     nats/, pg/          the embedded servers' state
+    operator.json       the console login `up` generated for its first operator (private)
 
-The modules: `prepare` (checks, schema, `demo` client), `servers`, `supervisor` (the component
-processes), `demo`, `announce` (endpoints.json, the banner) and `run`, which ties them together.
+The modules: `prepare` (checks, schema, `demo` client), `login` (the first operator),
+`servers`, `supervisor` (the component processes), `demo`, `announce` (endpoints.json, the
+banner) and `run`, which ties them together.
 """
 
 from tidegate.up.demo import DEMO_CLIENT, demo_loop

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tidegate.endpoints import OPERATOR_LOGIN, redact
+from tidegate.endpoints import OperatorLogin, redact
 from tidegate.up.demo import DEMO_CLIENT
 from tidegate.up.servers import Servers
 from tidegate.up.supervisor import Children
@@ -19,8 +19,9 @@ def endpoints(
     *,
     console_url: str,
     metrics_ports: Mapping[str, int],
+    operator: OperatorLogin | None = None,
 ) -> dict[str, Any]:
-    """The contents of endpoints.json."""
+    """The contents of endpoints.json (`operator` is null when `up` knows no password)."""
     pids: dict[str, int | None] = {"up": os.getpid()}
     if servers.nats is not None:
         pids["nats-server"] = servers.nats_pid()
@@ -33,7 +34,7 @@ def endpoints(
         "database_url": servers.database_url,
         "console_url": console_url,
         "data_dir": str(servers.data_dir),
-        "operator_login": OPERATOR_LOGIN,
+        "operator": None if operator is None else operator.as_json(),
         "metrics": {
             name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()
         },
@@ -49,6 +50,7 @@ def banner(
     console_url: str,
     metrics_ports: Mapping[str, int],
     endpoints_path: Path,
+    operator: OperatorLogin | None = None,
 ) -> str:
     """What `up` prints once the console answers: the addresses and commands to try."""
     data_dir = servers.data_dir
@@ -61,11 +63,21 @@ def banner(
         f"  NATS:           {redact(servers.nats_url)}\n"
         f"  database:       {redact(servers.database_url)}\n"
         f"  console:        {console_url}\n"
-        f"  operator login: {OPERATOR_LOGIN}\n"
+        f"  operator login: {login_line(operator, hint)}\n"
         f"  components:     {names} (logs in {data_dir / 'logs'})\n"
         f"  metrics:        {metrics}\n"
         f"  written to:     {endpoints_path}\n"
         f"Try:  tidegate{hint} submit --client {DEMO_CLIENT} -- echo hi\n"
         f"      tidegate{hint} tasks\n"
         "Press Ctrl-C to stop."
+    )
+
+
+def login_line(operator: OperatorLogin | None, hint: str) -> str:
+    if operator is not None:
+        return f"{operator.username} (password {operator.password})"
+    # The operators were made or changed by someone: their passwords are theirs to know.
+    return (
+        f"an existing operator's (`tidegate{hint} operator list`; a new password: "
+        f"`tidegate{hint} operator set-password NAME`)"
     )

@@ -1,5 +1,5 @@
 """Before `tidegate up` starts any component: the checks that refuse to run, then the schema,
-the streams and the `demo` client."""
+the streams, the `demo` client and the console's first operator."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import nats
 from tidegate.bus.clients import publish_client
 from tidegate.bus.topology import ensure_all
 from tidegate.config import Settings
-from tidegate.endpoints import redact
+from tidegate.endpoints import OperatorLogin, redact
 from tidegate.errors import ConfigError, TidegateError
 from tidegate.store.migrate import migrate
 from tidegate.store.store import Store
 from tidegate.up.demo import DEMO_CLIENT
+from tidegate.up.login import first_login
 from tidegate.wire import ClientRecord
 
 log = logging.getLogger("tidegate.up")
@@ -63,8 +64,9 @@ def check_port_free(port: int) -> None:
             ) from None
 
 
-async def prepare(nats_url: str, database_url: str, settings: Settings) -> None:
-    """Schema, streams and the `demo` client, before any component or submission needs them."""
+async def prepare(nats_url: str, database_url: str, settings: Settings) -> OperatorLogin | None:
+    """Schema, streams and the `demo` client, before any component or submission needs them;
+    returns the console login to show (None: the operators were made by someone else)."""
     applied = await migrate(database_url)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
@@ -87,5 +89,6 @@ async def prepare(nats_url: str, database_url: str, settings: Settings) -> None:
                 record = await store.add_client(ClientRecord(name=DEMO_CLIENT))
                 log.info("registered client %r", DEMO_CLIENT)
             await publish_client(buckets.clients, record)
+            return await first_login(store, settings.connection.data_dir.resolve())
     finally:
         await nc.drain()

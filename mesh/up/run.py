@@ -14,7 +14,7 @@ from typing import IO
 
 from tidegate.config import Settings
 from tidegate.embedded.servers import free_port
-from tidegate.endpoints import endpoints_path, write_endpoints
+from tidegate.endpoints import OperatorLogin, endpoints_path, write_endpoints
 from tidegate.errors import ConfigError
 from tidegate.up.announce import banner, endpoints
 from tidegate.up.demo import demo_loop
@@ -56,6 +56,7 @@ class Up:
         self.exit_code = 0
         self.announced = False
         self.metrics_ports: dict[str, int] = {}
+        self.operator: OperatorLogin | None = None
         self._lock: IO[str] | None = None
 
     @property
@@ -107,7 +108,9 @@ class Up:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        await prepare(self.servers.nats_url, self.servers.database_url, self.settings)
+        self.operator = await prepare(
+            self.servers.nats_url, self.servers.database_url, self.settings
+        )
         self.children = self._plan_children()
         self.children.on_change = self._write_endpoints
         self.children.start_all()
@@ -124,6 +127,7 @@ class Up:
                         console_url=self.console_url,
                         metrics_ports=self.metrics_ports,
                         endpoints_path=self.endpoints_path,
+                        operator=self.operator,
                     ),
                     flush=True,
                 )
@@ -248,6 +252,7 @@ class Up:
                     self.children,
                     console_url=self.console_url,
                     metrics_ports=self.metrics_ports,
+                    operator=self.operator,
                 ),
             )
 

@@ -68,7 +68,8 @@ def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:
         "tidegate/executor/agent.py",
         "tidegate/console/app.py",
         "tidegate/migrations/0001_init.sql",
-        "tidegate/templates/index.html",
+        "tidegate/templates/base.html",
+        "tidegate/templates/static/console.css",
         "tidegate/store/queries.sql",
         "tidegate/py.typed",
     ):

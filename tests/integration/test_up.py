@@ -9,235 +9,37 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import pytest
+from upharness import (
+    STOP_S,
+    TASK_S,
+    Up,
+    console_login,
+    describe,
+    new_up,
+    processes_of,
+    up_env,
+)
 
 from tidegate.embedded.children import process_alive
 from tidegate.embedded.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-START_S = 90.0  # first start: initdb plus three Python children
-TASK_S = 30.0
-STOP_S = 45.0  # the executor drain deadline plus stopping the servers
-
-
-def _tidegate_script() -> str:
-    found = shutil.which("tidegate", path=sysconfig.get_path("scripts"))
-    assert found, "the `tidegate` console script is not installed in this environment"
-    return found
-
-
-def _env(data_dir: Path, bin_dir: Path | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEGATE_")}
-    env["TIDEGATE_DATA_DIR"] = str(data_dir)
-    env["TIDEGATE_DRAIN_TIMEOUT_S"] = "5"
-    if bin_dir is not None:
-        env.pop("VIRTUAL_ENV", None)
-        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def processes_of(data_dir: Path) -> list[psutil.Process]:
-    """Live processes whose command line points into `data_dir`."""
-    prefix = str(data_dir)
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        inside = any(a == prefix or a.startswith(prefix + os.sep) for a in cmdline)
-        if inside and proc.pid != os.getpid() and process_alive(proc.pid):
-            found.append(proc)
-    return found
-
-
-def _describe(procs: list[psutil.Process]) -> str:
-    return "\n".join(f"{p.pid}: {shlex.join(p.info['cmdline'] or [])}" for p in procs)
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no file)"
-
-
-@dataclass
-class Up:
-    """One `tidegate up` process and the commands run against its data directory."""
-
-    script: str
-    data_dir: Path
-    console_port: int
-    env: dict[str, str]
-    cwd: Path
-    extra: tuple[str, ...] = ()
-    new_session: bool = False  # its own process group, as a shell's job would have
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def out(self) -> Path:
-        return self.data_dir.parent / f"{self.data_dir.name}-up.out"
-
-    def start(self) -> Up:
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.out, "ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    self.script,
-                    "--data-dir",
-                    str(self.data_dir),
-                    "up",
-                    "--console-port",
-                    str(self.console_port),
-                    *self.extra,
-                ],
-                env=self.env,
-                cwd=self.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=self.new_session,
-            )
-        return self
-
-    def diagnostics(self) -> str:
-        logs = self.data_dir / "logs"
-        parts = [f"--- tidegate up output ---\n{_tail(self.out, 60)}"]
-        for name in ("driver", "exec-0", "console"):
-            parts.append(f"--- logs/{name}.log ---\n{_tail(logs / f'{name}.log')}")
-        return "\n".join(parts)
-
-    def wait_endpoints(self, timeout: float = START_S) -> dict[str, Any]:
-        assert self.proc is not None
-        path = self.data_dir / "endpoints.json"
-        deadline = time.monotonic() + timeout
-        # A killed run leaves its file behind: wait for the one this process wrote.
-        while not (path.exists() and self._written_by_me(path)):
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"`tidegate up` exited with {self.proc.returncode}\n{self.diagnostics()}"
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {path} after {timeout:.0f}s\n{self.diagnostics()}")
-            time.sleep(0.2)
-        found: dict[str, Any] = json.loads(path.read_text())
-        return found
-
-    def _written_by_me(self, path: Path) -> bool:
-        assert self.proc is not None
-        try:
-            return bool(json.loads(path.read_text())["pids"]["up"] == self.proc.pid)
-        except (OSError, ValueError, KeyError):
-            return False
-
-    def tidegate(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [self.script, *args],
-            env=self.env,
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def submit_and_wait(self, *argv: str) -> dict[str, Any]:
-        """Submit as the `demo` client; return the task once the database says it succeeded."""
-        done = self.tidegate("submit", "--client", "demo", "--", *argv)
-        assert done.returncode == 0, done.stderr
-        task_id = done.stdout.split()[0]
-        assert task_id.startswith("demo:"), done.stdout
-        deadline = time.monotonic() + TASK_S
-        last = ""
-        while time.monotonic() < deadline:
-            shown = self.tidegate("task", "show", task_id, "--json")
-            if shown.returncode == 0:
-                record: dict[str, Any] = json.loads(shown.stdout)
-                if record["state"] == "succeeded":
-                    return record
-                last = f"state {record['state']}: {shown.stdout}"
-            else:
-                last = shown.stderr
-            time.sleep(0.5)
-        pytest.fail(
-            f"{task_id} did not succeed within {TASK_S:.0f}s ({last})\n{self.diagnostics()}"
-        )
-
-    def interrupt(self) -> int:
-        """Ctrl-C; returns the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(STOP_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(
-                f"`tidegate up` still running {STOP_S:.0f}s after SIGINT\n{self.diagnostics()}"
-            )
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def ups(tmp_path: Path) -> Iterator[list[Up]]:
-    """Every `Up` a test makes; whatever is still running afterwards is stopped."""
-    made: list[Up] = []
-    yield made
-    for up in made:
-        if up.proc is not None and up.proc.poll() is None:
-            up.proc.send_signal(signal.SIGINT)
-            try:
-                up.proc.wait(STOP_S)
-            except subprocess.TimeoutExpired:
-                up.kill()
-        for proc in processes_of(up.data_dir):
-            if "postgres" in proc.name():
-                # The postmaster is not our child: stop it the way up would have.
-                subprocess.run(
-                    [
-                        str(Path(proc.exe()).parent / "pg_ctl"),
-                        "-D",
-                        str(up.data_dir / "pg"),
-                        "-m",
-                        "immediate",
-                        "stop",
-                    ],
-                    user="pgserver" if os.geteuid() == 0 else None,
-                    check=False,
-                    capture_output=True,
-                )
-            else:
-                proc.kill()
-
-
-def _new_up(ups: list[Up], tmp_path: Path, data_dir: Path, port: int | None = None) -> Up:
-    up = Up(
-        script=_tidegate_script(),
-        data_dir=data_dir,
-        console_port=port or free_port(),
-        env=_env(data_dir),
-        cwd=tmp_path,
-    )
-    ups.append(up)
-    return up
 
 
 def test_up_runs_a_task_and_stops_cleanly_on_ctrl_c(ups: list[Up], tmp_path: Path) -> None:
     data = tmp_path / "data"
-    up = _new_up(ups, tmp_path, data).start()
+    up = new_up(ups, tmp_path, data).start()
     endpoints = up.wait_endpoints()
     assert endpoints["nats_url"].startswith("nats://127.0.0.1:")
     assert endpoints["database_url"].startswith("postgresql://")
@@ -251,24 +53,35 @@ def test_up_runs_a_task_and_stops_cleanly_on_ctrl_c(ups: list[Up], tmp_path: Pat
     health = httpx.get(f"{endpoints['console_url']}/health", timeout=10)
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "nats": True, "database": True}
-    page = httpx.get(endpoints["console_url"] + "/", timeout=10)
-    assert page.status_code == 200
-    assert "succeeded" in page.text
+    # The console needs a login: the one `up` made for its first operator.
+    operator = endpoints["operator"]
+    assert operator["username"] == "admin" and len(operator["password"]) >= 20
+    assert operator["password"] in up.out.read_text()  # the banner shows it
+    with httpx.Client(base_url=endpoints["console_url"], timeout=10) as console:
+        first = console.get("/", follow_redirects=False)
+        assert first.status_code == 303 and first.headers["location"] == "/login"
+        console_login(console, operator["username"], operator["password"])
+        page = console.get("/")
+        assert page.status_code == 200
+        assert "admin" in page.text and "Log out" in page.text
+        assert console.get("/api/session").json() == {"username": "admin", "role": "operator"}
 
     assert up.interrupt() == 0
     assert not (data / "endpoints.json").exists()
     left = processes_of(data)
-    assert not left, "processes left behind:\n" + _describe(left)
+    assert not left, "processes left behind:\n" + describe(left)
 
 
 def test_a_component_that_dies_is_restarted(ups: list[Up], tmp_path: Path) -> None:
     data = tmp_path / "data"
-    up = _new_up(ups, tmp_path, data).start()
+    up = new_up(ups, tmp_path, data).start()
     endpoints = up.wait_endpoints()
     banner = up.out.read_text()
     assert endpoints["console_url"] in banner
     assert "operator login" in banner
     assert endpoints["nats_url"] in banner
+    console = httpx.Client(base_url=endpoints["console_url"], timeout=10)
+    console_login(console, **endpoints["operator"])
 
     old = endpoints["pids"]["console"]
     os.kill(old, signal.SIGKILL)
@@ -280,6 +93,7 @@ def test_a_component_that_dies_is_restarted(ups: list[Up], tmp_path: Path) -> No
         assert time.monotonic() < deadline, "the console was not restarted\n" + up.diagnostics()
         time.sleep(0.2)
     assert f"console (pid {old}) DIED" in up.out.read_text()
+    deadline = time.monotonic() + 60  # a new Python process on a busy machine
     while True:
         try:
             if httpx.get(endpoints["console_url"] + "/health", timeout=5).status_code == 200:
@@ -288,9 +102,13 @@ def test_a_component_that_dies_is_restarted(ups: list[Up], tmp_path: Path) -> No
             pass
         assert time.monotonic() < deadline, "the restarted console does not answer"
         time.sleep(0.2)
+    # Sessions are kept in NATS too: the login made before the crash still works.
+    me = console.get("/api/session")
+    console.close()
+    assert me.json() == {"username": "admin", "role": "operator"}
     assert up.interrupt() == 0
     left = processes_of(data)
-    assert not left, "processes left behind:\n" + _describe(left)
+    assert not left, "processes left behind:\n" + describe(left)
 
 
 @pytest.mark.slow
@@ -299,7 +117,7 @@ def test_ctrl_c_in_a_terminal_with_a_running_task_leaves_nothing(
 ) -> None:
     """A terminal's Ctrl-C signals the whole process group: `up` and nats-server alike."""
     data = tmp_path / "data"
-    up = _new_up(ups, tmp_path, data)
+    up = new_up(ups, tmp_path, data)
     up.new_session = True
     up.start()
     up.wait_endpoints()
@@ -320,19 +138,20 @@ def test_ctrl_c_in_a_terminal_with_a_running_task_leaves_nothing(
     left = processes_of(data) + [
         p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == marker
     ]
-    assert not left, "processes left behind:\n" + _describe(left)
+    assert not left, "processes left behind:\n" + describe(left)
 
 
 @pytest.mark.slow
 def test_up_after_kill_9_cleans_up_the_old_run(ups: list[Up], tmp_path: Path) -> None:
     data = tmp_path / "data"
-    first = _new_up(ups, tmp_path, data).start()
-    old = first.wait_endpoints()["pids"]
+    first = new_up(ups, tmp_path, data).start()
+    first_endpoints = first.wait_endpoints()
+    old = first_endpoints["pids"]
     assert {"nats-server", "postgres", "driver", "exec-0", "console"} <= old.keys()
     first.kill()  # kill -9: no cleanup of its own
 
     # The same console port: the old console must be gone before the new one binds it.
-    second = _new_up(ups, tmp_path, data, port=first.console_port).start()
+    second = new_up(ups, tmp_path, data, port=first.console_port).start()
     endpoints = second.wait_endpoints()
     assert second.proc is not None and endpoints["pids"]["up"] == second.proc.pid
     for name in ("nats-server", "postgres", "driver", "exec-0", "console"):
@@ -340,10 +159,16 @@ def test_up_after_kill_9_cleans_up_the_old_run(ups: list[Up], tmp_path: Path) ->
             f"{name} (pid {old[name]}) of the killed run is still alive"
         )
     second.submit_and_wait("echo", "hi again")
+    # The same data directory, the same first operator and login (not a second one).
+    assert endpoints["operator"] == first_endpoints["operator"]
+    listed = second.tidegate("operator", "list", "--json")
+    assert [o["username"] for o in json.loads(listed.stdout)] == ["admin"], listed.stderr
+    with httpx.Client(base_url=endpoints["console_url"], timeout=10) as console:
+        console_login(console, **endpoints["operator"])
 
     assert second.interrupt() == 0
     left = processes_of(data)
-    assert not left, "processes left behind:\n" + _describe(left)
+    assert not left, "processes left behind:\n" + describe(left)
 
 
 def test_second_up_on_the_same_data_dir_is_refused(ups: list[Up], tmp_path: Path) -> None:
@@ -355,7 +180,7 @@ def test_second_up_on_the_same_data_dir_is_refused(ups: list[Up], tmp_path: Path
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write("4242\n")
         lock.flush()
-        up = _new_up(ups, tmp_path, data).start()
+        up = new_up(ups, tmp_path, data).start()
         assert up.proc is not None
         assert up.proc.wait(30) == 1
     assert "already running" in up.out.read_text()
@@ -369,7 +194,7 @@ def test_busy_console_port_is_a_usage_error(ups: list[Up], tmp_path: Path) -> No
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        up = _new_up(ups, tmp_path, tmp_path / "data", port=port).start()
+        up = new_up(ups, tmp_path, tmp_path / "data", port=port).start()
         assert up.proc is not None
         assert up.proc.wait(30) == 2
     assert f"console port {port} is in use" in up.out.read_text()
@@ -451,7 +276,7 @@ def test_readme_commands_in_a_fresh_virtualenv(ups: list[Up], tmp_path: Path) ->
         script=str(venv / "bin" / "tidegate"),
         data_dir=data,
         console_port=free_port(),
-        env=_env(data, venv / "bin"),
+        env=up_env(data, venv / "bin"),
         cwd=tmp_path,
         extra=("--demo",),
     )
@@ -463,13 +288,15 @@ def test_readme_commands_in_a_fresh_virtualenv(ups: list[Up], tmp_path: Path) ->
     assert listed.returncode == 0 and "succeeded" in listed.stdout, listed.stderr
     assert up.interrupt() == 0
     left = processes_of(data)
-    assert not left, "processes left behind:\n" + _describe(left)
+    assert not left, "processes left behind:\n" + describe(left)
 
 
 # --- the console without its servers ------------------------------------------------------------
 
 
 def test_console_reports_unreachable_servers_and_still_renders(tmp_path: Path) -> None:
+    """Without its servers the console still starts, answers /health and its login page,
+    and says why nobody can log in now; it never shows a password."""
     from litestar.testing import TestClient
 
     from tidegate.config import Connection, Settings
@@ -487,8 +314,16 @@ def test_console_reports_unreachable_servers_and_still_renders(tmp_path: Path) -
         health = client.get("/health")
         assert health.status_code == 503
         assert health.json() == {"status": "degraded", "nats": False, "database": False}
-        page = client.get("/")
-        assert page.status_code == 200
-        assert "task counts unavailable" in page.text
-        assert "secret" not in page.text  # the password is never shown
-        assert f"nats://127.0.0.1:{nobody}" in page.text
+        page = client.get("/", follow_redirects=False)
+        assert page.status_code == 303 and page.headers["location"] == "/login"
+        login_page = client.get("/login")
+        assert login_page.status_code == 200
+        token = re.search(r'name="_csrf_token" value="([^"]+)"', login_page.text)
+        assert token
+        refused = client.post(
+            "/login",
+            data={"username": "admin", "password": "x" * 20, "_csrf_token": token.group(1)},
+        )
+        assert refused.status_code == 503
+        assert "the database is unreachable: new logins are not possible" in refused.text
+        assert "secret" not in refused.text  # the database password is never shown

@@ -1,0 +1,416 @@
+"""The Clients page: one row per client system, and the changes an operator makes to them.
+
+A change goes to PostgreSQL (the source of truth) and then to the KV mirror that every driver
+and executor watches (`tidegate.registry`), so it takes effect within a second, as
+`tidegate client set` does. Both servers must answer for a change: one written to the database
+but not to the mirror would reach the drivers only at their next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, get, post
+from litestar.datastructures import State
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, FromPath
+from litestar.response import Redirect, Response, Template
+from litestar.status_codes import HTTP_422_UNPROCESSABLE_ENTITY, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.types import ControllerRouterHandler
+from msgspec import Meta
+from nats.js import JetStreamContext
+
+from tidegate import names
+from tidegate.bus.clients import decode_client
+from tidegate.console.auth import actor_of, operator_only
+from tidegate.console.figures import (
+    ready_by_client,
+    running_by_client,
+    submitted_by_client,
+    work_by_client,
+)
+from tidegate.console.link import BusLink
+from tidegate.console.sources import kv_values, subject_totals
+from tidegate.errors import StoreError, TidegateError, UnknownClient
+from tidegate.registry import add_client, change_client
+from tidegate.store.operators import record_action
+from tidegate.store.rows import ClientHealth
+from tidegate.store.store import ClientChanges, Store, permanent
+from tidegate.wire import NAME_RE, ClientRecord, decode_heartbeat
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 2.0
+CSRF_FIELD = "_csrf_token"  # the form field Litestar's CSRF middleware reads
+Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
+
+
+@dataclass
+class ClientView:
+    record: ClientRecord
+    submitted: int = 0  # published, not routed yet
+    waiting: int = 0  # routed, waiting for its turn, cap, rate or resume
+    in_flight: int = 0  # dispatched to a work queue, not finished
+    running: int = 0  # in an executor's heartbeat
+    health: ClientHealth | None = None  # None: the database did not answer
+
+    @property
+    def backlog(self) -> int:
+        return self.submitted + self.waiting
+
+
+@dataclass
+class ClientsPage:
+    rows: list[ClientView] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # what could not be read, in words
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+async def _bus_counts(js: JetStreamContext) -> dict[str, dict[str, int]]:
+    """Per client: submitted, waiting, in flight and running, from stream totals and heartbeats."""
+    submitted, ready, work, heartbeats = await asyncio.gather(
+        subject_totals(js, names.TASKS_STREAM, names.SUBMIT_ALL),
+        subject_totals(js, names.READY_STREAM, names.READY_ALL),
+        subject_totals(js, names.WORK_STREAM, names.WORK_ALL),
+        kv_values(js, names.EXECUTORS_BUCKET, decode_heartbeat),
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for what, per_client in (
+        ("submitted", submitted_by_client(submitted)),
+        ("waiting", ready_by_client(ready)),
+        ("in_flight", work_by_client(work)),
+        ("running", running_by_client(heartbeats.values())),
+    ):
+        for client, n in per_client.items():
+            counts.setdefault(client, {})[what] = n
+    return counts
+
+
+async def _mirrored_clients(js: JetStreamContext) -> list[ClientRecord]:
+    """The clients as the drivers see them: the page's fallback while PostgreSQL is down."""
+    records = await kv_values(js, names.CLIENTS_BUCKET, decode_client)
+    return sorted(records.values(), key=lambda r: r.name)
+
+
+async def load_page(store: Store, link: BusLink) -> ClientsPage:
+    page = ClientsPage()
+    records: list[ClientRecord] | None = None
+    health: dict[str, ClientHealth] = {}
+    try:
+        records, health = await asyncio.wait_for(
+            asyncio.gather(store.list_clients(), store.client_health()), READ_TIMEOUT_S
+        )
+    except (TimeoutError, StoreError, OSError) as exc:
+        page.problems.append(f"PostgreSQL did not answer ({exc or 'timeout'}): health unknown")
+    counts: dict[str, dict[str, int]] = {}
+    js = link.js
+    if js is None:
+        page.problems.append("NATS is unreachable: backlog, in flight and running unknown")
+    else:
+        try:
+            counts = await asyncio.wait_for(_bus_counts(js), READ_TIMEOUT_S)
+            if records is None:
+                records = await asyncio.wait_for(_mirrored_clients(js), READ_TIMEOUT_S)
+                page.problems.append("clients shown from the drivers' mirror (KV)")
+        except Exception as exc:
+            page.problems.append(f"NATS did not answer ({exc or 'timeout'}): figures unknown")
+    for record in records or []:
+        per = counts.get(record.name, {})
+        page.rows.append(
+            ClientView(
+                record=record,
+                submitted=per.get("submitted", 0),
+                waiting=per.get("waiting", 0),
+                in_flight=per.get("in_flight", 0),
+                running=per.get("running", 0),
+                health=health.get(record.name),
+            )
+        )
+    return page
+
+
+# --- changing ------------------------------------------------------------------------------------
+
+
+class ClientForm(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The add/edit form: every field a string from the browser, checked here, not trusted."""
+
+    name: Annotated[str, Meta(pattern=NAME_RE)] | None = None
+    sensitive: bool = False
+    transport: str = "none"  # none | http | nats
+    callback_url: Annotated[str, Meta(pattern=r"^https?://\S+$")] | None = None
+    callback_secret: str | None = None
+    new_secret: bool = False
+    max_running: Annotated[int, Meta(ge=0)] | None = None
+    max_submit_per_s: Annotated[float, Meta(gt=0)] | None = None
+    default_pool: Annotated[str, Meta(pattern=NAME_RE)] = "default"
+    callback_batch_max: Annotated[int, Meta(ge=1, le=1000)] = 1
+
+
+class FormError(TidegateError):
+    """A form field the console cannot use; the message names the field."""
+
+    exit_code = 2
+
+
+def parse_form(raw: Mapping[str, str]) -> ClientForm:
+    # `_csrf_token` rides along in plain forms; the CSRF middleware has checked it already.
+    values: dict[str, Any] = {
+        k: v.strip() for k, v in raw.items() if v.strip() != "" and k != CSRF_FIELD
+    }
+    for flag in ("sensitive", "new_secret"):
+        values[flag] = values.get(flag) in ("on", "true", "1")
+    try:
+        form = msgspec.convert(values, ClientForm, strict=False)
+    except msgspec.ValidationError as exc:
+        raise FormError(_field_message(str(exc))) from None
+    if form.transport not in ("none", "http", "nats"):
+        raise FormError("callback transport must be none, http or nats")
+    if form.transport == "http" and not form.callback_url:
+        raise FormError("an HTTP callback needs a URL (http:// or https://)")
+    return form
+
+
+def _field_message(text: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.max_running`": name the field plainly.
+    where = text.rpartition("at `$.")
+    if where[1]:
+        return f"{where[2].rstrip('`')}: {where[0].removesuffix(' - ').strip()}"
+    return text
+
+
+def changes_of(form: ClientForm, current: ClientRecord | None) -> ClientChanges:
+    changes = ClientChanges(
+        sensitive=form.sensitive,
+        callback_url=form.callback_url if form.transport == "http" else None,
+        callback_nats=form.transport == "nats",
+        max_running=form.max_running,
+        max_submit_per_s=form.max_submit_per_s,
+        default_pool=form.default_pool,
+        callback_batch_max=form.callback_batch_max,
+    )
+    if form.transport == "http":
+        secret = form.callback_secret or (current.callback_secret if current else None)
+        if form.new_secret or not secret:
+            secret = secrets.token_urlsafe(32)
+        changes["callback_secret"] = secret
+    return changes
+
+
+def _kv_or_refuse(link: BusLink) -> JetStreamContext:
+    js = link.js
+    if js is None:
+        raise ServiceDown(
+            "NATS is unreachable: the change could not reach the drivers. Nothing was changed; "
+            "try again when it is back"
+        )
+    return js
+
+
+class ServiceDown(TidegateError):
+    """A change needs a server that does not answer; nothing was changed."""
+
+
+async def _apply(
+    request: Request[Any, Any, Any], name: str, changes: ClientChanges, action: str
+) -> ClientRecord:
+    state = request.app.state
+    js = _kv_or_refuse(state.link)
+    try:
+        kv = await js.key_value(names.CLIENTS_BUCKET)
+        record = await change_client(state.store, kv, name, **changes)
+    except StoreError as exc:
+        raise _refused(exc) from None
+    except UnknownClient:
+        raise
+    except Exception as exc:  # NATS failed between the check and the mirror write
+        raise ServiceDown(
+            f"saved in the database, but the drivers could not be told (NATS: {exc}); "
+            "save again once NATS answers"
+        ) from None
+    shown = {k: ("***" if k == "callback_secret" else v) for k, v in changes.items()}
+    await _audit(state.store, request, action, name, shown)
+    return record
+
+
+def _refused(exc: StoreError) -> TidegateError:
+    if permanent(exc):  # a constraint of the clients table: the input, not the database
+        return FormError(str(exc))
+    return ServiceDown(f"PostgreSQL did not take the change ({exc}); nothing was changed")
+
+
+async def _audit(
+    store: Store, request: Request[Any, Any, Any], action: str, target: str, details: Any
+) -> None:
+    try:
+        await record_action(
+            store, actor=actor_of(request), action=action, target=target, details=details
+        )
+    except Exception as exc:  # the change is made; a lost audit line is logged, not hidden
+        log.warning("audit of %s on %s not recorded: %s", action, target, exc)
+
+
+def _row(view: ClientView) -> Template:
+    return Template(template_name="clients_row.html", context={"c": view})
+
+
+async def _view_of(state: State, record: ClientRecord) -> ClientView:
+    page = await load_page(state.store, state.link)
+    for view in page.rows:
+        if view.record.name == record.name:
+            return view
+    return ClientView(record=record)
+
+
+def _failure(exc: TidegateError) -> Response[str]:
+    status = HTTP_422_UNPROCESSABLE_ENTITY if exc.exit_code == 2 else HTTP_503_SERVICE_UNAVAILABLE
+    if isinstance(exc, UnknownClient):
+        status = 404
+    return Response(
+        f'<p class="error" role="alert">{_escape(str(exc))}</p>',
+        status_code=status,
+        media_type="text/html",
+    )
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+
+@get("/clients", name="clients")
+async def clients_page(state: State) -> Template:
+    page = await load_page(state.store, state.link)
+    return Template(template_name="clients.html", context={"page": page, "nav": "clients"})
+
+
+@get("/clients/rows")
+async def clients_rows(state: State) -> Template:
+    page = await load_page(state.store, state.link)
+    return Template(template_name="clients_rows.html", context={"page": page})
+
+
+async def _switch(
+    request: Request[Any, Any, Any], name: str, changes: ClientChanges, action: str
+) -> Template | Response[str]:
+    """One flag flipped from a row's button; the answer is the row, swapped in place."""
+    try:
+        record = await _apply(request, name, changes, action)
+    except TidegateError as exc:
+        return _failure(exc)
+    return _row(await _view_of(request.app.state, record))
+
+
+def _on(data: Mapping[str, str], field: str) -> bool:
+    return data.get(field) in ("true", "on", "1")
+
+
+@post("/clients/{name:str}/sensitive", guards=[operator_only])
+async def set_sensitive(
+    request: Request[Any, Any, Any], name: FromPath[str], data: Form
+) -> Template | Response[str]:
+    on = _on(data, "sensitive")
+    action = "client.sensitive" if on else "client.non-sensitive"
+    return await _switch(request, name, ClientChanges(sensitive=on), action)
+
+
+@post("/clients/{name:str}/paused", guards=[operator_only])
+async def set_paused(
+    request: Request[Any, Any, Any], name: FromPath[str], data: Form
+) -> Template | Response[str]:
+    on = _on(data, "paused")
+    action = "client.pause" if on else "client.resume"
+    return await _switch(request, name, ClientChanges(paused=on), action)
+
+
+@get("/clients/new")
+async def new_client_form() -> Template:
+    return Template(
+        template_name="client_form.html", context={"record": None, "error": "", "nav": "clients"}
+    )
+
+
+@get("/clients/{name:str}/edit")
+async def edit_client_form(state: State, name: FromPath[str]) -> Template | Response[str]:
+    try:
+        record = await asyncio.wait_for(state.store.get_client(name), READ_TIMEOUT_S)
+    except (TimeoutError, StoreError) as exc:
+        return _failure(ServiceDown(f"PostgreSQL did not answer ({exc or 'timeout'})"))
+    if record is None:
+        return _failure(UnknownClient(f"no client {name!r}"))
+    return Template(
+        template_name="client_form.html", context={"record": record, "error": "", "nav": "clients"}
+    )
+
+
+@post("/clients", guards=[operator_only])
+async def create_client(request: Request[Any, Any, Any], data: Form) -> Response[Any]:
+    state = request.app.state
+    try:
+        form = parse_form(data)
+        if not form.name:
+            raise FormError("name: a client needs a name (letters, digits, '_' or '-')")
+        changes = changes_of(form, None)
+        record = ClientRecord(name=form.name, **changes)
+        js = _kv_or_refuse(state.link)
+        kv = await js.key_value(names.CLIENTS_BUCKET)
+        try:
+            await add_client(state.store, kv, record)
+        except StoreError as exc:
+            raise _refused(exc) from None
+    except TidegateError as exc:
+        return _form_again(None, data, exc)
+    await _audit(state.store, request, "client.add", form.name, {"sensitive": form.sensitive})
+    return Redirect(f"/clients#client-{form.name}")
+
+
+@post("/clients/{name:str}", guards=[operator_only])
+async def update_client(
+    request: Request[Any, Any, Any], name: FromPath[str], data: Form
+) -> Response[Any]:
+    state = request.app.state
+    current: ClientRecord | None = None
+    try:
+        current = await asyncio.wait_for(state.store.get_client(name), READ_TIMEOUT_S)
+        if current is None:
+            raise UnknownClient(f"no client {name!r}")
+        form = parse_form(data)
+        await _apply(request, name, changes_of(form, current), "client.edit")
+    except TimeoutError:
+        return _form_again(None, data, ServiceDown("PostgreSQL did not answer in time"))
+    except TidegateError as exc:
+        return _form_again(current, data, exc)
+    return Redirect(f"/clients#client-{name}")
+
+
+def _form_again(
+    record: ClientRecord | None, data: Mapping[str, str], exc: TidegateError
+) -> Template:
+    status = HTTP_422_UNPROCESSABLE_ENTITY if exc.exit_code == 2 else HTTP_503_SERVICE_UNAVAILABLE
+    return Template(
+        template_name="client_form.html",
+        context={"record": record, "error": str(exc), "values": data, "nav": "clients"},
+        status_code=status,
+    )
+
+
+ROUTES: list[ControllerRouterHandler] = [
+    clients_page,
+    clients_rows,
+    set_sensitive,
+    set_paused,
+    new_client_form,
+    edit_client_form,
+    create_client,
+    update_client,
+]
