@@ -114,7 +114,7 @@ def caller_of(token: ApiToken) -> Operator | ClientCaller:
     return Operator(username=name, role="operator" if token.scope == "operator" else "viewer")
 
 
-def _bearer(header: str) -> str:
+def bearer_token(header: str) -> str:
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise TokenRefused("the Authorization header must be `Bearer <token>`")
@@ -135,7 +135,7 @@ class BearerOrSession(MiddlewareProtocol):
             if header is not None:
                 state = scope["litestar_app"].state
                 cache: TokenCache = state.tokens
-                found = await cache.lookup(state.store, _bearer(header))
+                found = await cache.lookup(state.store, bearer_token(header))
                 if found is None:
                     raise TokenRefused("this API token is unknown or revoked")
                 scope["user"] = caller_of(found)

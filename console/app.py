@@ -4,9 +4,11 @@ The console must render while PostgreSQL or NATS is down (an outage is exactly w
 looks): it starts without either, every read is bounded in time, and a failed read is shown on
 the page, never raised.
 
-Access (`auth`, `sessions`, `security`): every page needs a login except `/login`, `/health`
-and `/static/*`; sessions are server-side, in memory and NATS KV (not PostgreSQL); every
-mutating request needs the CSRF token, and the operator role (`auth.operator_only`).
+Access (`auth`, `sessions`, `security`): every page needs a login except `/login`, `/health`,
+`/static/*` and `/schema`; sessions are server-side, in memory and NATS KV (not PostgreSQL);
+every mutating request needs the CSRF token, and the operator role (`auth.operator_only`).
+The JSON API under /api/v1 (`api`) also takes API tokens (`api_auth`), whose requests alone
+are exempt from CSRF.
 """
 
 from __future__ import annotations
@@ -21,9 +23,15 @@ from typing import Any
 
 import psycopg
 import uvicorn
-from litestar import Litestar, MediaType, Response, get
+from litestar import Litestar, MediaType, Response, Router, get
 from litestar.datastructures import State
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import (
+    MethodNotAllowedException,
+    NotAuthorizedException,
+    NotFoundException,
+    PermissionDeniedException,
+)
+from litestar.middleware import DefineMiddleware
 from litestar.plugins.htmx import HTMXPlugin
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
@@ -31,7 +39,11 @@ from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.template.config import TemplateConfig
 
 from tidegate.config import Settings
-from tidegate.console import audit, auth, callbacks, clients, executors, overview, tasks
+from tidegate.console import audit, auth, callbacks, clients, executors, overview, tasklog, tasks
+from tidegate.console.api import api_router, openapi_config
+from tidegate.console.api_auth import BearerOrSession, CsrfUnlessBearer, TokenCache
+from tidegate.console.api_errors import on_no_route
+from tidegate.console.api_tasks import Submitter
 from tidegate.console.link import BusLink
 from tidegate.console.security import (
     AccessConfig,
@@ -104,6 +116,7 @@ def create_app(settings: Settings, access: AccessConfig | None = None) -> Litest
     link = BusLink(settings.connection.nats_url)
     secret = access.csrf_secret or csrf_secret(settings.connection.data_dir)
     roster = auth.Roster()
+    submitter = Submitter(link)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -121,6 +134,7 @@ def create_app(settings: Settings, access: AccessConfig | None = None) -> Litest
         finally:
             refresher.cancel()
             await asyncio.gather(refresher, return_exceptions=True)
+            await submitter.close()
             await link.close()
             await store.close()
 
@@ -130,18 +144,23 @@ def create_app(settings: Settings, access: AccessConfig | None = None) -> Litest
         ),
         create_static_files_router(path="/static/htmx", directories=[htmx_dir()], name="htmx"),
     ]
-    return Litestar(
+    # The pages are not part of the API's OpenAPI document (/schema); /health is.
+    pages = Router(
+        path="/",
+        include_in_schema=False,
         route_handlers=[
-            health,
-            *static,
             *auth.ROUTES,
             *overview.ROUTES,
             *clients.ROUTES,
             *tasks.ROUTES,
+            *tasklog.ROUTES,
             *executors.ROUTES,
             *callbacks.ROUTES,
             *audit.ROUTES,
         ],
+    )
+    return Litestar(
+        route_handlers=[health, *static, pages, api_router()],
         state=State(
             {
                 "settings": settings,
@@ -152,18 +171,28 @@ def create_app(settings: Settings, access: AccessConfig | None = None) -> Litest
                     max_failures=access.login_max_failures, window_s=access.login_window_s
                 ),
                 "csrf_secret": secret,
+                "tokens": TokenCache(
+                    ttl_s=access.token_cache_s, grace_s=access.token_outage_grace_s
+                ),
+                "submitter": submitter,
             }
         ),
         lifespan=[lifespan],
         plugins=[HTMXPlugin()],
         template_config=TemplateConfig(directory=templates_dir(), engine=JinjaTemplateEngine),
-        middleware=[auth.session_auth(access).middleware],
-        csrf_config=csrf_config(secret),
+        # Authentication first (a token, or the session), then CSRF, which needs to know which.
+        middleware=[
+            DefineMiddleware(BearerOrSession, session=auth.session_auth(access).middleware),
+            DefineMiddleware(CsrfUnlessBearer, config=csrf_config(secret)),
+        ],
+        openapi_config=openapi_config(),
         stores={STORE_NAME: SessionStore(link, max_age_s=access.session_max_age_s)},
         before_send=[security_headers],
         exception_handlers={
             NotAuthorizedException: on_not_authorized,
             PermissionDeniedException: on_forbidden,
+            NotFoundException: on_no_route,
+            MethodNotAllowedException: on_no_route,
         },
     )
 

@@ -336,21 +336,26 @@ def _confirm(action: str, client: str | None, scope: cb.Scope, *, changed: bool 
     return Answer("callbacks_confirm.html", context)
 
 
+async def audit_answer(request: Request[Any, Any, Any], answer: Answer) -> bool:
+    """Write the audit line of the change an answer reports; False if it reports none."""
+    if answer.audit is None:
+        return False
+    action, target, details = answer.audit
+    try:
+        await record_action(
+            request.app.state.store,
+            actor=actor_of(request),
+            action=action,
+            target=target,
+            details=details,
+        )
+    except Exception as exc:  # the change is made; a lost audit line is logged, not hidden
+        log.warning("audit of %s on %s not recorded: %s", action, target, exc)
+    return True
+
+
 async def _answer(request: Request[Any, Any, Any], answer: Answer) -> Template:
-    headers: dict[str, str] = {}
-    if answer.audit is not None:
-        action, target, details = answer.audit
-        try:
-            await record_action(
-                request.app.state.store,
-                actor=actor_of(request),
-                action=action,
-                target=target,
-                details=details,
-            )
-        except Exception as exc:  # the change is made; a lost audit line is logged, not hidden
-            log.warning("audit of %s on %s not recorded: %s", action, target, exc)
-        headers = dict(CHANGED)
+    headers = dict(CHANGED) if await audit_answer(request, answer) else {}
     return Template(
         template_name=answer.template,
         context=answer.context,

@@ -168,10 +168,16 @@ def parse_form(raw: Mapping[str, str]) -> ClientForm:
     }
     for flag in ("sensitive", "new_secret"):
         values[flag] = values.get(flag) in ("on", "true", "1")
+    return form_from(values, strict=False)
+
+
+def form_from(values: Mapping[str, Any], *, strict: bool = True) -> ClientForm:
+    """A checked form from field values (strings from a browser: `strict=False`)."""
     try:
-        form = msgspec.convert(values, ClientForm, strict=False)
+        form = msgspec.convert(values, ClientForm, strict=strict)
     except msgspec.ValidationError as exc:
         raise FormError(_field_message(str(exc))) from None
+    # The rules across fields, which the struct's annotations cannot say.
     if form.transport not in ("none", "http", "nats"):
         raise FormError("callback transport must be none, http or nats")
     if form.transport == "http" and not form.callback_url:
@@ -219,9 +225,10 @@ class ServiceDown(TidegateError):
     """A change needs a server that does not answer; nothing was changed."""
 
 
-async def _apply(
+async def apply_change(
     request: Request[Any, Any, Any], name: str, changes: ClientChanges, action: str
 ) -> ClientRecord:
+    """Change a client in the database and its mirror, and audit it (secrets masked)."""
     state = request.app.state
     js = _kv_or_refuse(state.link)
     try:
@@ -262,7 +269,7 @@ def _row(view: ClientView) -> Template:
     return Template(template_name="clients_row.html", context={"c": view})
 
 
-async def _view_of(state: State, record: ClientRecord) -> ClientView:
+async def client_view(state: State, record: ClientRecord) -> ClientView:
     page = await load_page(state.store, state.link)
     for view in page.rows:
         if view.record.name == record.name:
@@ -305,10 +312,10 @@ async def _switch(
 ) -> Template | Response[str]:
     """One flag flipped from a row's button; the answer is the row, swapped in place."""
     try:
-        record = await _apply(request, name, changes, action)
+        record = await apply_change(request, name, changes, action)
     except TidegateError as exc:
         return _failure(exc)
-    return _row(await _view_of(request.app.state, record))
+    return _row(await client_view(request.app.state, record))
 
 
 def _on(data: Mapping[str, str], field: str) -> bool:
@@ -353,25 +360,37 @@ async def edit_client_form(state: State, name: FromPath[str]) -> Template | Resp
     )
 
 
+async def add_from_form(request: Request[Any, Any, Any], form: ClientForm) -> ClientRecord:
+    """Register the client a checked form describes, in the database and its mirror, and
+    audit it; returns it as stored (with a generated callback secret, if one was needed)."""
+    state = request.app.state
+    if not form.name:
+        raise FormError("name: a client needs a name (letters, digits, '_' or '-')")
+    record = ClientRecord(name=form.name, **changes_of(form, None))
+    js = _kv_or_refuse(state.link)
+    try:
+        kv = await js.key_value(names.CLIENTS_BUCKET)
+        stored = await add_client(state.store, kv, record)
+    except StoreError as exc:
+        raise _refused(exc) from None
+    except TidegateError:
+        raise
+    except Exception as exc:  # NATS failed between the check and the mirror write
+        raise ServiceDown(
+            f"NATS did not answer ({exc or 'timeout'}): the client may be saved but not yet "
+            "known to the drivers; look at the clients list, and save it once NATS answers"
+        ) from None
+    await _audit(state.store, request, "client.add", form.name, {"sensitive": form.sensitive})
+    return stored
+
+
 @post("/clients", guards=[operator_only])
 async def create_client(request: Request[Any, Any, Any], data: Form) -> Response[Any]:
-    state = request.app.state
     try:
-        form = parse_form(data)
-        if not form.name:
-            raise FormError("name: a client needs a name (letters, digits, '_' or '-')")
-        changes = changes_of(form, None)
-        record = ClientRecord(name=form.name, **changes)
-        js = _kv_or_refuse(state.link)
-        kv = await js.key_value(names.CLIENTS_BUCKET)
-        try:
-            await add_client(state.store, kv, record)
-        except StoreError as exc:
-            raise _refused(exc) from None
+        record = await add_from_form(request, parse_form(data))
     except TidegateError as exc:
         return _form_again(None, data, exc)
-    await _audit(state.store, request, "client.add", form.name, {"sensitive": form.sensitive})
-    return Redirect(f"/clients#client-{form.name}")
+    return Redirect(f"/clients#client-{record.name}")
 
 
 @post("/clients/{name:str}", guards=[operator_only])
@@ -385,7 +404,7 @@ async def update_client(
         if current is None:
             raise UnknownClient(f"no client {name!r}")
         form = parse_form(data)
-        await _apply(request, name, changes_of(form, current), "client.edit")
+        await apply_change(request, name, changes_of(form, current), "client.edit")
     except TimeoutError:
         return _form_again(None, data, ServiceDown("PostgreSQL did not answer in time"))
     except TidegateError as exc:

@@ -250,7 +250,7 @@ def _decoded(page: ExecutorsPage, key: str, data: bytes, decode: Callable[[bytes
         return None
 
 
-def _interval(state: State) -> float:
+def interval_of(state: State) -> float:
     return float(state.settings.limits.heartbeat_interval_s)
 
 
@@ -324,29 +324,40 @@ async def _audit(store: Store, actor: str, action: str, target: str, details: An
         log.warning("audit of %s on %s not recorded: %s", action, target, exc)
 
 
-async def _change(request: Request[Any, Any, Any], executor_id: str, action: str) -> Response[Any]:
+async def change(request: Request[Any, Any, Any], executor_id: str, action: str) -> str:
+    """Cordon, uncordon or drain one executor and audit it; what was done, in words. A change
+    that was not made raises `Refused` with the status and the reason."""
     state = request.app.state
     if not EXECUTOR_ID.match(executor_id):
-        return _plain(HTTP_404_NOT_FOUND, "no such executor: not a valid executor id")
+        raise Refused(HTTP_404_NOT_FOUND, "no such executor: not a valid executor id")
     js = state.link.js
     if js is None:
-        return _plain(HTTP_503_SERVICE_UNAVAILABLE, NATS_DOWN)
+        raise Refused(HTTP_503_SERVICE_UNAVAILABLE, NATS_DOWN)
     actor = actor_of(request)
     try:
         details = await asyncio.wait_for(_tell(js, executor_id, action, actor), READ_TIMEOUT_S)
-    except Refused as exc:
-        return _plain(exc.status, str(exc))
+    except Refused:
+        raise
     except Exception as exc:  # NATS went away between the check and the write
-        return _plain(
+        raise Refused(
             HTTP_503_SERVICE_UNAVAILABLE,
             f"NATS did not answer ({exc or 'timeout'}): the executor may not have been told; "
             "look at the page before trying again",
-        )
+        ) from None
     await _audit(state.store, actor, f"executor.{action}", executor_id, details)
+    return f"{executor_id}: {action} sent"
+
+
+async def _change(request: Request[Any, Any, Any], executor_id: str, action: str) -> Response[Any]:
+    try:
+        message = await change(request, executor_id, action)
+    except Refused as exc:
+        return _plain(exc.status, str(exc))
     if request.headers.get("hx-request") != "true":
         return Redirect("/executors", status_code=HTTP_303_SEE_OTHER)
-    page = await collect(js, interval_s=_interval(state))
-    page.message = f"{executor_id}: {action} sent"
+    state = request.app.state
+    page = await collect(state.link.js, interval_s=interval_of(state))
+    page.message = message
     return Template("executors_live.html", context=live_context(page), headers=NO_STORE)
 
 
@@ -359,7 +370,7 @@ def _plain(status: int, text: str) -> Response[str]:
 
 @get("/executors", name="executors")
 async def executors_page(state: State) -> Template:
-    page = await collect(state.link.js, interval_s=_interval(state))
+    page = await collect(state.link.js, interval_s=interval_of(state))
     return Template(
         "executors.html", context={**live_context(page), "nav": "executors"}, headers=NO_STORE
     )
@@ -367,7 +378,7 @@ async def executors_page(state: State) -> Template:
 
 @get("/executors/live", name="executors_live")
 async def executors_live(state: State) -> Template:
-    page = await collect(state.link.js, interval_s=_interval(state))
+    page = await collect(state.link.js, interval_s=interval_of(state))
     return Template("executors_live.html", context=live_context(page), headers=NO_STORE)
 
 

@@ -14,6 +14,7 @@ from tidegate.bus.topology import ensure_all
 from tidegate.config import Settings
 from tidegate.executor.agent import Executor
 from tidegate.executor.control import ControlFollower
+from tidegate.executor.logserver import LogServer
 from tidegate.executor.tasklogs import prune_loop
 from tidegate.metrics import ExecutorMetrics, serve
 from tidegate.supervise import Supervisor
@@ -57,6 +58,9 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
     sup.start("control", control.run)
     sup.start("heartbeat", agent.heartbeat_loop)
     sup.start("prune-task-logs", lambda: prune_loop(log_dir, ex.task_log_retention_h))
+    # Answers until the very end, drain included: a draining executor's tasks still run.
+    logs = LogServer(nc, agent.id, log_dir, keep_hours=ex.task_log_retention_h)
+    sup.start("task-log-server", logs.run)
     sup.start("cancels", watch_cancels)
     sup.start("fetch-short", lambda: agent.fetch_loop("short"))
     sup.start("fetch-long", lambda: agent.fetch_loop("long"))

@@ -76,6 +76,9 @@ class _Output:
                     self._truncated = True
                     marker = f"[tidegate: log truncated at {self._max} bytes]\n".encode()
                     self._log.write(marker if self._last_logged == b"\n" else b"\n" + marker)
+                # Out of the buffer at once: the console reads a running attempt's file
+                # through the executor (logserver.py), and should see all of it so far.
+                self._log.flush()
             except OSError as exc:
                 self._drop_log(f"log write failed: {exc}")
         self._keep_tail(data)

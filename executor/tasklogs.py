@@ -20,23 +20,76 @@ _HOUR_FORMAT = "%Y%m%d%H"
 
 
 def log_path(root: Path, task_id: str, attempt: int, at: datetime) -> Path:
+    return root / _hour_name(at) / _file_name(task_id, attempt)
+
+
+def _file_name(task_id: str, attempt: int) -> str:
     # A digest, not the id itself: ids reach 265 bytes, file names stop at 255.
     digest = hashlib.sha256(task_id.encode()).hexdigest()[:32]
-    return root / at.astimezone(UTC).strftime(_HOUR_FORMAT) / f"{digest}.{attempt}.log"
+    return f"{digest}.{attempt}.log"
+
+
+def utc(at: datetime) -> datetime:
+    # A time without a zone (from a hand-made request) is taken as UTC, as everything here is.
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def _hour_name(at: datetime) -> str:
+    return utc(at).strftime(_HOUR_FORMAT)
+
+
+def _hour_of(entry: Path) -> datetime | None:
+    try:
+        return datetime.strptime(entry.name, _HOUR_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return None  # not ours
+
+
+def _expired(hour: datetime, keep: timedelta, now: datetime) -> bool:
+    return hour + timedelta(hours=1) <= now - keep
+
+
+def pruned(started_at: datetime, keep: timedelta, now: datetime) -> bool:
+    """The hour directory of an attempt started then is past retention (removed, or about to be)."""
+    hour = datetime.strptime(_hour_name(started_at), _HOUR_FORMAT).replace(tzinfo=UTC)
+    return _expired(hour, keep, now)
 
 
 def expired_hours(root: Path, keep: timedelta, now: datetime) -> list[Path]:
     """Hour directories entirely older than `keep`."""
-    cutoff = now - keep
     old = []
     for entry in root.iterdir() if root.exists() else ():
-        try:
-            hour = datetime.strptime(entry.name, _HOUR_FORMAT).replace(tzinfo=UTC)
-        except ValueError:
-            continue  # not ours
-        if entry.is_dir() and hour + timedelta(hours=1) <= cutoff:
+        hour = _hour_of(entry)
+        if hour is not None and entry.is_dir() and _expired(hour, keep, now):
             old.append(entry)
     return old
+
+
+def find_log(
+    root: Path, task_id: str, attempt: int, started_at: datetime | None = None
+) -> Path | None:
+    """The file `log_path` wrote for this attempt, if this host still keeps it.
+
+    The attempt's start names its hour directory (or a neighbour: the start may come from
+    another host's clock). Without it every hour directory is searched, newest first (a few
+    dozen `stat`s: retention keeps them few); a task id resubmitted after the duplicate
+    window starts again at attempt 1, so only the start tells such runs apart. Blocking:
+    call it in a thread.
+    """
+    name = _file_name(task_id, attempt)
+    if started_at is not None:
+        for skew in (0, -1, 1):
+            hinted = root / _hour_name(started_at + timedelta(hours=skew)) / name
+            if hinted.is_file():
+                return hinted
+        return None
+    if not root.is_dir():
+        return None
+    hours = sorted(((h, e) for e in root.iterdir() if (h := _hour_of(e)) is not None), reverse=True)
+    for _hour, entry in hours:
+        if (entry / name).is_file():
+            return entry / name
+    return None
 
 
 async def prune_loop(root: Path, keep_hours: float, every_s: float = 600.0) -> None:

@@ -138,3 +138,13 @@ def msg_id(client: str, key: str) -> str:
 def kv_key(task_id: str) -> str:
     """Task ids hold characters KV keys forbid (`:` and more); base64url keeps them unique."""
     return base64.urlsafe_b64encode(task_id.encode()).decode().rstrip("=")
+
+
+def executor_log_subject(executor_id: str) -> str:
+    """Where one executor answers requests for its task log files (`LogRequest`).
+
+    Executor ids may hold dots (a subject separator) and other characters a token should not:
+    such ids get their base64url form, marked by a `=` that no plain id contains.
+    """
+    token = executor_id if re.match(NAME_RE, executor_id) else "=" + kv_key(executor_id)
+    return f"tg.exec.{token}.log"

@@ -40,7 +40,7 @@ from tidegate import names
 from tidegate.bench.fill import fill_tasks
 from tidegate.bench.flood import client_names
 from tidegate.bench.model import BenchError
-from tidegate.bench.run import _cleanup_guard, _term_as_interrupt
+from tidegate.bench.run import cleanup_guard, term_as_interrupt
 from tidegate.bench.stack import Stack
 from tidegate.bench.timing import ConsoleConfig, ConsoleReport, DataFacts, PageResult, summarize
 from tidegate.bus.natsconn import connect
@@ -59,7 +59,7 @@ log = logging.getLogger("tidegate.bench")
 
 OPERATOR: Final = "bench"
 WARMUP: Final = 3
-DEEP_PAGE: Final = 200  # the brief's "deep page": as if an operator clicked "next" 200 times
+DEEP_PAGE: Final = 200  # as far as an operator paging back through a flood with "next page" gets
 READY_TIMEOUT_S: Final = 90.0
 HTTP_TIMEOUT_S: Final = 30.0
 HISTORY_DRIVER: Final = "bench-history"
@@ -116,7 +116,7 @@ def history_samples(now: datetime) -> list[DriverStats]:
     accepted = finished = commits = rows = delivered = 0
     n = int(HISTORY_SPAN_S / HISTORY_EVERY_S)
     for seq in range(n):
-        flood = 20 if seq % 720 < 12 else 1  # the first minute of the hour
+        flood = 20 if seq < 12 else 1  # a top-of-the-hour flood in the first minute
         accepted += 150 * flood
         finished += 140 * flood
         commits += 12 * min(flood, 5)
@@ -323,7 +323,7 @@ def run_console_bench(
     )
     stack = Stack(root)
     try:
-        with _term_as_interrupt():
+        with term_as_interrupt():
             try:
                 log.info("starting nats-server and PostgreSQL in %s", root)
                 stack.start_servers()
@@ -332,7 +332,7 @@ def run_console_bench(
                 log.exception("the console bench failed")
                 report.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             finally:
-                with _cleanup_guard():
+                with cleanup_guard():
                     stack.close()
     finally:
         report.ok = (

@@ -22,7 +22,7 @@ log = logging.getLogger("tidegate.bench")
 
 
 @contextlib.contextmanager
-def _cleanup_guard() -> Iterator[None]:
+def cleanup_guard() -> Iterator[None]:
     """Ignore Ctrl-C and SIGTERM while stopping: an interrupted cleanup would orphan PostgreSQL."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -36,7 +36,7 @@ def _cleanup_guard() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _term_as_interrupt() -> Iterator[None]:
+def term_as_interrupt() -> Iterator[None]:
     """SIGTERM stops the bench like Ctrl-C: the run is cancelled, then everything stopped.
 
     KeyboardInterrupt, not a signal of our own: asyncio lets it out of the event loop (and
@@ -71,7 +71,7 @@ def run_mode(root: Path, cfg: FloodConfig, mode: PersistMode) -> ModeResult:
         log.exception("%s: the run failed", mode)
         result.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     finally:
-        with _cleanup_guard():
+        with cleanup_guard():
             stack.close()
     return result
 
@@ -82,7 +82,7 @@ def run_flood(cfg: FloodConfig, *, work_dir: Path | None = None, keep: bool = Fa
     root = Path(tempfile.mkdtemp(prefix="tidegate-bench-", dir=work_dir))
     results: dict[str, ModeResult] = {}
     try:
-        with _term_as_interrupt():
+        with term_as_interrupt():
             for mode in cfg.persist:
                 assert mode in MODES
                 results[mode] = run_mode(root / mode, cfg, mode)

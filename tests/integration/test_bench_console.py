@@ -15,7 +15,7 @@ PAGES = [
     "overview, live part",
     "clients",
     "tasks, first page",
-    "tasks, page 21",
+    "tasks, page 201",
     "tasks, client + failed",
     "one task",
 ]
@@ -30,7 +30,7 @@ def test_small_console_bench_times_every_page(tmp_path: Path) -> None:
         "bench",
         "console",
         "--rows",
-        "2000",
+        "20000",
         "--clients",
         "5",
         "--days",
@@ -48,15 +48,15 @@ def test_small_console_bench_times_every_page(tmp_path: Path) -> None:
 
     assert report["benchmark"] == "console" and report["ok"] is True and report["error"] is None
     assert report["config"] == {
-        "rows": 2000,
+        "rows": 20000,
         "clients": 5,
         "days": 3,
         "requests": 5,
         "warmup": 3,
-        "deep_page": 20,
+        "deep_page": 200,
         "target_ms": 300.0,
     }
-    assert report["data"]["rows"] == 2000 and report["data"]["partitions"] == 3
+    assert report["data"]["rows"] == 20000 and report["data"]["partitions"] == 3
     assert [p["name"] for p in report["pages"]] == PAGES
     for page in report["pages"]:
         assert page["statuses"] == {"200": 5}, page
