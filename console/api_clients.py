@@ -19,7 +19,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.types import ControllerRouterHandler
 from msgspec import UNSET, UnsetType
 
-from tidegate.console import clients
+from tidegate.console import clientform, clients
 from tidegate.console.api_auth import staff_only
 from tidegate.console.api_errors import ApiError, errors
 from tidegate.console.auth import operator_only
@@ -174,7 +174,7 @@ async def list_clients(request: Request[Any, Any, Any]) -> ClientList:
     responses=errors(400, 401, 403, 422, 503),
 )
 async def add_client(request: Request[Any, Any, Any], data: JSONBody[ClientNew]) -> ClientSaved:
-    form = clients.form_from(msgspec.structs.asdict(data))
+    form = clientform.form_from(msgspec.structs.asdict(data))
     record = await clients.add_from_form(request, form)
     shown = record.callback_secret if record.callback_url else None
     return await _saved(request, record, shown)
@@ -206,10 +206,10 @@ async def change_client(
     paused = given.pop("paused", None)
     if given.get("callback_url") and "transport" not in given:
         given["transport"] = "http"
-    form = clients.form_from({**form_values(current), **given})
+    form = clientform.form_from({**form_values(current), **given})
     # Only what differs from the stored client: the audit line then says what changed.
     changes = ClientChanges()
-    for column, value in clients.changes_of(form, current).items():
+    for column, value in clientform.changes_of(form, current).items():
         if getattr(current, column) != value:
             changes[column] = value  # type: ignore[literal-required]
     if paused is not None and paused != current.paused:

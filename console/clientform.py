@@ -1,0 +1,91 @@
+"""The client form (add and edit): every field a string from the browser, checked here.
+
+Shared by the Clients page and the JSON API, so both refuse the same values with the same
+words, naming the field.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from tidegate.errors import TidegateError
+from tidegate.store.store import ClientChanges
+from tidegate.wire import NAME_RE, ClientRecord
+
+CSRF_FIELD = "_csrf_token"  # the form field Litestar's CSRF middleware reads
+
+
+class ClientForm(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The add/edit form: every field a string from the browser, checked here, not trusted."""
+
+    name: Annotated[str, Meta(pattern=NAME_RE)] | None = None
+    sensitive: bool = False
+    transport: str = "none"  # none | http | nats
+    callback_url: Annotated[str, Meta(pattern=r"^https?://\S+$")] | None = None
+    callback_secret: str | None = None
+    new_secret: bool = False
+    max_running: Annotated[int, Meta(ge=0)] | None = None
+    max_submit_per_s: Annotated[float, Meta(gt=0)] | None = None
+    default_pool: Annotated[str, Meta(pattern=NAME_RE)] = "default"
+    callback_batch_max: Annotated[int, Meta(ge=1, le=1000)] = 1
+
+
+class FormError(TidegateError):
+    """A form field the console cannot use; the message names the field."""
+
+    exit_code = 2
+
+
+def parse_form(raw: Mapping[str, str]) -> ClientForm:
+    # `_csrf_token` rides along in plain forms; the CSRF middleware has checked it already.
+    values: dict[str, Any] = {
+        k: v.strip() for k, v in raw.items() if v.strip() != "" and k != CSRF_FIELD
+    }
+    for flag in ("sensitive", "new_secret"):
+        values[flag] = values.get(flag) in ("on", "true", "1")
+    return form_from(values, strict=False)
+
+
+def form_from(values: Mapping[str, Any], *, strict: bool = True) -> ClientForm:
+    """A checked form from field values (strings from a browser: `strict=False`)."""
+    try:
+        form = msgspec.convert(values, ClientForm, strict=strict)
+    except msgspec.ValidationError as exc:
+        raise FormError(_field_message(str(exc))) from None
+    # The rules across fields, which the struct's annotations cannot say.
+    if form.transport not in ("none", "http", "nats"):
+        raise FormError("callback transport must be none, http or nats")
+    if form.transport == "http" and not form.callback_url:
+        raise FormError("an HTTP callback needs a URL (http:// or https://)")
+    return form
+
+
+def _field_message(text: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.max_running`": name the field plainly.
+    where = text.rpartition("at `$.")
+    if where[1]:
+        return f"{where[2].rstrip('`')}: {where[0].removesuffix(' - ').strip()}"
+    return text
+
+
+def changes_of(form: ClientForm, current: ClientRecord | None) -> ClientChanges:
+    changes = ClientChanges(
+        sensitive=form.sensitive,
+        callback_url=form.callback_url if form.transport == "http" else None,
+        callback_nats=form.transport == "nats",
+        max_running=form.max_running,
+        max_submit_per_s=form.max_submit_per_s,
+        default_pool=form.default_pool,
+        callback_batch_max=form.callback_batch_max,
+    )
+    if form.transport == "http":
+        secret = form.callback_secret or (current.callback_secret if current else None)
+        if form.new_secret or not secret:
+            secret = secrets.token_urlsafe(32)
+        changes["callback_secret"] = secret
+    return changes
