@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -32,6 +33,8 @@ from tidegate.errors import StoreError, TidegateError
 from tidegate.store.operators import record_action
 from tidegate.store.rows import TaskRecord, TaskSearch
 from tidegate.wire import STATE_RANK, TERMINAL_STATES
+
+log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 3.0
 PAGE_SIZE = 50
@@ -197,8 +200,8 @@ async def send_cancels(request: Request[Any, Any, Any], task_ids: list[str], wha
             target=what,
             details={"tasks": len(task_ids), "first": task_ids[:20]},
         )
-    except Exception:  # the cancel went out; the audit line is best effort during an outage
-        pass
+    except Exception as exc:  # the cancel went out: a lost audit line is logged, not hidden
+        log.warning("audit of task.cancel on %s not recorded: %s", what, exc)
     return len(task_ids)
 
 
