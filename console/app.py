@@ -60,6 +60,7 @@ from tidegate.store.store import Store
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 2.0
+SHUTDOWN_STEP_S = 10.0
 # At start, how long to wait for NATS before serving: a restarted console should find the
 # sessions of those logged in (in KV) from its first request, yet start when NATS is down.
 FIRST_CONNECT_WAIT_S = 2.0
@@ -133,10 +134,20 @@ def create_app(settings: Settings, access: AccessConfig | None = None) -> Litest
             yield
         finally:
             refresher.cancel()
-            await asyncio.gather(refresher, return_exceptions=True)
-            await submitter.close()
-            await link.close()
-            await store.close()
+            # Each step bounded: a console asked to stop stops, even if a server hangs up
+            # halfway through a goodbye.
+            await asyncio.wait({refresher}, timeout=SHUTDOWN_STEP_S)
+            for what, close in (
+                ("the submit publisher", submitter.close),
+                ("the NATS connection", link.close),
+                ("the database pool", store.close),
+            ):
+                try:
+                    await asyncio.wait_for(close(), SHUTDOWN_STEP_S)
+                except TimeoutError:
+                    log.warning(
+                        "console: closing %s took over %.0fs; going on", what, SHUTDOWN_STEP_S
+                    )
 
     static = [
         create_static_files_router(
