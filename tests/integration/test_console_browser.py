@@ -230,13 +230,15 @@ async def test_flipping_sensitivity_changes_the_next_tasks_callbacks(
         await page.goto(system.url + "/clients")
         row = page.locator("#client-flip")
         await row.locator("button[name=toggle-sensitive]").click()
-        await page.locator("#client-flip .mode", has_text="sensitive").first.wait_for()
+        # Not has_text="sensitive": "non-sensitive" contains it, and matches before the swap.
+        await row.locator("button[name=toggle-sensitive]", has_text="make non-sensitive").wait_for()
         assert (await row.locator(".mode").inner_text()).strip() == "sensitive"
         await shot(page, "clients")
         assert await run_one("after") == ["dispatched", "running", "succeeded"]
 
         await page.locator("#client-flip button[name=toggle-sensitive]").click()
         await page.locator("#client-flip .mode", has_text="non-sensitive").wait_for()
+        assert (await page.locator("#client-flip .mode").inner_text()).strip() == "non-sensitive"
         assert await run_one("again") == ["succeeded"]
 
 
