@@ -238,68 +238,35 @@ async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyVal
         return kv
 
 
+def _bucket(
+    name: str, storage: StorageType, ttl: float | None = None, *, marks_expiry: bool = False
+) -> KeyValueConfig:
+    """Every bucket keeps one value per key. `marks_expiry` leaves a marker when a key ages
+    out, so that watchers see an expired heartbeat or lease as a PURGE."""
+    return KeyValueConfig(
+        bucket=name,
+        history=1,
+        ttl=ttl,
+        storage=storage,
+        limit_marker_ttl=ttl if marks_expiry else None,
+    )
+
+
 async def ensure_buckets(js: JetStreamContext, limits: Limits) -> Buckets:
-    executors = await _ensure_bucket(
-        js,
-        KeyValueConfig(
-            bucket=names.EXECUTORS_BUCKET,
-            history=1,
-            ttl=limits.heartbeat_ttl_s,
-            storage=StorageType.MEMORY,
-            limit_marker_ttl=limits.heartbeat_ttl_s,
-        ),
-    )
-    clients = await _ensure_bucket(
-        js,
-        KeyValueConfig(
-            bucket=names.CLIENTS_BUCKET,
-            history=1,
-            storage=StorageType.FILE,
-        ),
-    )
-    cancel = await _ensure_bucket(
-        js,
-        KeyValueConfig(
-            bucket=names.CANCEL_BUCKET,
-            history=1,
-            ttl=7 * 24 * 3600,
-            storage=StorageType.FILE,
-        ),
-    )
-    leases = await _ensure_bucket(
-        js,
-        KeyValueConfig(
-            bucket=names.LEASES_BUCKET,
-            history=1,
-            ttl=LEASE_TTL_S,
-            storage=StorageType.MEMORY,
-            limit_marker_ttl=LEASE_TTL_S,
-        ),
-    )
-    dispatch = await _ensure_bucket(
-        js,
-        KeyValueConfig(
-            bucket=names.DISPATCH_BUCKET,
-            history=1,
-            storage=StorageType.MEMORY,
-        ),
-    )
-    # An operator's cordon outlives the executor's restarts (and NATS's): file storage, no TTL.
-    executor_control = await _ensure_bucket(
-        js,
-        KeyValueConfig(
-            bucket=names.EXECUTOR_CONTROL_BUCKET,
-            history=1,
-            storage=StorageType.FILE,
-        ),
-    )
+    memory, file = StorageType.MEMORY, StorageType.FILE
+    heartbeat_ttl = limits.heartbeat_ttl_s
     return Buckets(
-        executors=executors,
-        clients=clients,
-        cancel=cancel,
-        leases=leases,
-        dispatch=dispatch,
-        executor_control=executor_control,
+        executors=await _ensure_bucket(
+            js, _bucket(names.EXECUTORS_BUCKET, memory, heartbeat_ttl, marks_expiry=True)
+        ),
+        clients=await _ensure_bucket(js, _bucket(names.CLIENTS_BUCKET, file)),
+        cancel=await _ensure_bucket(js, _bucket(names.CANCEL_BUCKET, file, 7 * 24 * 3600)),
+        leases=await _ensure_bucket(
+            js, _bucket(names.LEASES_BUCKET, memory, LEASE_TTL_S, marks_expiry=True)
+        ),
+        dispatch=await _ensure_bucket(js, _bucket(names.DISPATCH_BUCKET, memory)),
+        # An operator's cordon outlives the executor's restarts (and NATS's): file, no TTL.
+        executor_control=await _ensure_bucket(js, _bucket(names.EXECUTOR_CONTROL_BUCKET, file)),
     )
 
 
