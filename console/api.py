@@ -21,7 +21,7 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
-from tidegate.console import api_clients, api_ops, api_tasks
+from tidegate.console import api_clients, api_ops, api_retry, api_tasks, deadmessages
 from tidegate.console.api_errors import HANDLERS
 from tidegate.console.security import API_V1
 
@@ -32,7 +32,13 @@ BEARER: Final = "apiToken"
 def api_router() -> Router:
     return Router(
         path=API_V1,
-        route_handlers=[*api_tasks.ROUTES, *api_clients.ROUTES, *api_ops.ROUTES],
+        route_handlers=[
+            *api_tasks.ROUTES,
+            *api_retry.ROUTES,
+            *api_clients.ROUTES,
+            *api_ops.ROUTES,
+            *deadmessages.API_ROUTES,
+        ],
         exception_handlers=HANDLERS,
         security=[{BEARER: []}],
     )

@@ -26,7 +26,7 @@ from tidegate.console.auth import operator_only
 from tidegate.errors import StoreError, UnknownClient
 from tidegate.store.rows import ClientHealth
 from tidegate.store.store import ClientChanges
-from tidegate.wire import ClientRecord
+from tidegate.wire import DEFAULT_CALLBACK_HELD_MAX, ClientRecord
 
 Transport = Literal["none", "http", "nats"]
 
@@ -40,6 +40,8 @@ class ClientOut(msgspec.Struct, frozen=True, kw_only=True):
     transport: Transport
     callback_url: str | None
     callback_batch_max: int
+    callback_held_max: int
+    buffer_max: int | None  # its own quota of waiting tasks; null: TIDEGATE_CLIENT_BUFFER_MAX
     max_running: int | None
     max_submit_per_s: float | None
     default_pool: str
@@ -76,6 +78,8 @@ class ClientNew(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_submit_per_s: float | None = None
     default_pool: str = "default"
     callback_batch_max: int = 1
+    callback_held_max: int = DEFAULT_CALLBACK_HELD_MAX
+    buffer_max: int | None = None  # its own quota of waiting tasks; null: the stream-wide one
 
 
 class ClientPatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -91,6 +95,8 @@ class ClientPatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_submit_per_s: float | UnsetType | None = UNSET
     default_pool: str | UnsetType = UNSET
     callback_batch_max: int | UnsetType = UNSET
+    callback_held_max: int | UnsetType = UNSET
+    buffer_max: int | UnsetType | None = UNSET  # null: back to the stream-wide quota
 
 
 def transport_of(record: ClientRecord) -> Transport:
@@ -108,6 +114,8 @@ def client_out(view: clients.ClientView) -> ClientOut:
         transport=transport_of(r),
         callback_url=r.callback_url,
         callback_batch_max=r.callback_batch_max,
+        callback_held_max=r.callback_held_max,
+        buffer_max=r.buffer_max,
         max_running=r.max_running,
         max_submit_per_s=r.max_submit_per_s,
         default_pool=r.default_pool,
@@ -134,6 +142,8 @@ def form_values(record: ClientRecord) -> dict[str, Any]:
         "max_submit_per_s": record.max_submit_per_s,
         "default_pool": record.default_pool,
         "callback_batch_max": record.callback_batch_max,
+        "callback_held_max": record.callback_held_max,
+        "buffer_max": record.buffer_max,
     }
 
 

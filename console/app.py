@@ -39,11 +39,21 @@ from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.template.config import TemplateConfig
 
 from tidegate.config import Settings
-from tidegate.console import audit, auth, callbacks, clients, executors, overview, tasklog, tasks
+from tidegate.console import (
+    account,
+    audit,
+    auth,
+    callbacks,
+    clients,
+    deadmessages,
+    executors,
+    overview,
+    tasklog,
+    tasks,
+)
 from tidegate.console.api import api_router, openapi_config
 from tidegate.console.api_auth import BearerOrSession, CsrfUnlessBearer, TokenCache
 from tidegate.console.api_errors import on_no_route
-from tidegate.console.api_tasks import Submitter
 from tidegate.console.link import BusLink
 from tidegate.console.security import (
     AccessConfig,
@@ -55,6 +65,7 @@ from tidegate.console.security import (
     security_headers,
 )
 from tidegate.console.sessions import STORE_NAME, SessionStore
+from tidegate.console.submitter import Submitter
 from tidegate.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -160,13 +171,14 @@ def create_app(settings: Settings, access: AccessConfig | None = None) -> Litest
         path="/",
         include_in_schema=False,
         route_handlers=[
-            *auth.ROUTES,
+            *account.ROUTES,
             *overview.ROUTES,
             *clients.ROUTES,
             *tasks.ROUTES,
             *tasklog.ROUTES,
             *executors.ROUTES,
             *callbacks.ROUTES,
+            *deadmessages.ROUTES,
             *audit.ROUTES,
         ],
     )
@@ -197,7 +209,11 @@ def create_app(settings: Settings, access: AccessConfig | None = None) -> Litest
             DefineMiddleware(CsrfUnlessBearer, config=csrf_config(secret)),
         ],
         openapi_config=openapi_config(),
-        stores={STORE_NAME: SessionStore(link, max_age_s=access.session_max_age_s)},
+        stores={
+            STORE_NAME: SessionStore(
+                link, max_age_s=access.session_max_age_s, replicas=settings.limits.replicas
+            )
+        },
         before_send=[security_headers],
         exception_handlers={
             NotAuthorizedException: on_not_authorized,

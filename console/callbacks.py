@@ -1,9 +1,9 @@
 """The Callbacks page: the callback outbox and the dead letters, with "retry now" and "re-drive".
 
 What the buttons change is decided in `tidegate.store.callbacks`, which keeps the retry job's
-per-client order. This module parses input, bounds every database call in time, turns every
-failure into a plain answer (a page notice, or 404/409/422/503 with a sentence, never a 500)
-and writes an audit line for every change.
+per-client order. This module parses input (with callback_forms.py), bounds every database call
+in time, turns every failure into a plain answer (a page notice, or 404/409/422/503 with a
+sentence, never a 500) and writes an audit line for every change.
 
 Bulk actions ask first: a POST without `confirm` answers a small form naming the count, whose
 submit carries `confirm=N` and `upto` (the newest id counted); if the count changed meanwhile
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, TypeVar
@@ -28,11 +27,19 @@ from litestar.response import Template
 from litestar.types import ControllerRouterHandler
 
 from tidegate.console.auth import actor_of, operator_only
+from tidegate.console.callback_forms import (
+    FormError,
+    PageQuery,
+    client_of,
+    named_client,
+    parse_confirmation,
+    parse_query,
+    span,
+)
 from tidegate.errors import StoreError, TidegateError
 from tidegate.store import callbacks as cb
 from tidegate.store.operators import record_action
 from tidegate.store.store import Store
-from tidegate.wire import NAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +52,6 @@ UNREACHABLE: Final = "the database is unreachable: the outbox cannot be shown"
 CHANGED: Final = {"HX-Trigger": "callbacks-changed"}
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 T = TypeVar("T")
-
-
-class FormError(TidegateError):
-    """A field the console cannot use; the message names it."""
-
-    exit_code = 2
-
-
-@dataclass(frozen=True)
-class PageQuery:
-    client: str | None = None
-    after: int | None = None  # outbox keyset: the last id of the previous page
-    dead_before: int | None = None  # dead letters keyset: the last id of the previous page
 
 
 @dataclass
@@ -80,65 +74,6 @@ class Answer:
     context: dict[str, Any]
     status: int = 200
     audit: tuple[str, str, dict[str, Any]] | None = None  # (action, target, details)
-
-
-# --- input ---------------------------------------------------------------------------------------
-
-
-def _client(values: Mapping[str, str]) -> str | None:
-    text = (values.get("client") or "").strip()
-    if not text:
-        return None
-    if not re.match(NAME_RE, text):
-        raise FormError(f"client: {text[:80]!r} is not a client name (letters, digits, _ or -)")
-    return text
-
-
-def _named_client(values: Mapping[str, str]) -> str:
-    client = _client(values)
-    if client is None:
-        raise FormError("client: name the client whose callbacks to act on")
-    return client
-
-
-def _count(values: Mapping[str, str], name: str, *, minimum: int) -> int | None:
-    text = (values.get(name) or "").strip()
-    if not text:
-        return None
-    if not re.fullmatch(r"[0-9]{1,18}", text) or int(text) < minimum:
-        raise FormError(f"{name}: {text[:40]!r} is not a whole number of at least {minimum}")
-    return int(text)
-
-
-def parse_query(query: Mapping[str, str]) -> PageQuery:
-    return PageQuery(
-        client=_client(query),
-        after=_count(query, "after", minimum=0),
-        dead_before=_count(query, "dead_before", minimum=1),
-    )
-
-
-def parse_confirmation(form: Mapping[str, str]) -> cb.Scope | None:
-    """The scope the operator confirmed, or None when the form only asks for the count."""
-    confirm = _count(form, "confirm", minimum=0)
-    if confirm is None:
-        return None
-    upto = _count(form, "upto", minimum=1)
-    if confirm > 0 and upto is None:
-        raise FormError("upto: a confirmation needs the newest id it counted")
-    return cb.Scope(count=confirm, upto=upto)
-
-
-def span(seconds: float) -> str:
-    """A duration as an operator reads it: 4 s, 12 min, 3.5 h, 2 d."""
-    s = abs(seconds)
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 90 * 60:
-        return f"{s / 60:.0f} min"
-    if s < 48 * 3600:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} d"
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -270,7 +205,7 @@ async def retry_one(store: Store, row_id: int) -> Answer:
 async def retry_bulk(store: Store, form: Mapping[str, str]) -> Answer:
     client: str | None = None
     try:
-        client = _client(form)
+        client = client_of(form)
         expect = parse_confirmation(form)
         if expect is None:
             scope = await _read(cb.outbox_scope(store, client=client))
@@ -309,7 +244,7 @@ async def redrive_one(store: Store, dead_id: int) -> Answer:
 async def redrive_bulk(store: Store, form: Mapping[str, str]) -> Answer:
     client: str | None = None
     try:
-        client = _named_client(form)
+        client = named_client(form)
         expect = parse_confirmation(form)
         if expect is None:
             scope = await _read(cb.dead_letter_scope(store, client=client))

@@ -6,7 +6,6 @@ words, naming the field.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -14,8 +13,9 @@ import msgspec
 from msgspec import Meta
 
 from tidegate.errors import TidegateError
+from tidegate.signing import new_secret
 from tidegate.store.store import ClientChanges
-from tidegate.wire import NAME_RE, ClientRecord
+from tidegate.wire import DEFAULT_CALLBACK_HELD_MAX, NAME_RE, ClientRecord
 
 CSRF_FIELD = "_csrf_token"  # the form field Litestar's CSRF middleware reads
 
@@ -33,6 +33,9 @@ class ClientForm(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_submit_per_s: Annotated[float, Meta(gt=0)] | None = None
     default_pool: Annotated[str, Meta(pattern=NAME_RE)] = "default"
     callback_batch_max: Annotated[int, Meta(ge=1, le=1000)] = 1
+    callback_held_max: Annotated[int, Meta(ge=1, le=1_000_000)] = DEFAULT_CALLBACK_HELD_MAX
+    # Empty: the stream-wide TIDEGATE_CLIENT_BUFFER_MAX (also the ceiling, checked on save).
+    buffer_max: Annotated[int, Meta(ge=1)] | None = None
 
 
 class FormError(TidegateError):
@@ -82,10 +85,12 @@ def changes_of(form: ClientForm, current: ClientRecord | None) -> ClientChanges:
         max_submit_per_s=form.max_submit_per_s,
         default_pool=form.default_pool,
         callback_batch_max=form.callback_batch_max,
+        callback_held_max=form.callback_held_max,
+        buffer_max=form.buffer_max,
     )
     if form.transport == "http":
         secret = form.callback_secret or (current.callback_secret if current else None)
         if form.new_secret or not secret:
-            secret = secrets.token_urlsafe(32)
+            secret = new_secret()
         changes["callback_secret"] = secret
     return changes

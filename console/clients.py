@@ -24,17 +24,19 @@ from litestar.types import ControllerRouterHandler
 from nats.js import JetStreamContext
 
 from tidegate import names
-from tidegate.bus.clients import decode_client
+from tidegate.bus.clients import RegistryBuckets, decode_client
+from tidegate.bus.quota import stream_ceiling
 from tidegate.console.auth import actor_of, operator_only
-from tidegate.console.clientform import ClientForm, FormError, changes_of, parse_form
-from tidegate.console.figures import (
+from tidegate.console.backlog import (
     ready_by_client,
     running_by_client,
     submitted_by_client,
     work_by_client,
 )
+from tidegate.console.clientform import ClientForm, FormError, changes_of, parse_form
 from tidegate.console.link import BusLink
 from tidegate.console.sources import kv_values, subject_totals
+from tidegate.endpoints import callback_nets
 from tidegate.errors import StoreError, TidegateError, UnknownClient
 from tidegate.registry import add_client, change_client
 from tidegate.store.operators import record_action
@@ -158,11 +160,18 @@ async def apply_change(
     state = request.app.state
     js = _kv_or_refuse(state.link)
     try:
-        kv = await js.key_value(names.CLIENTS_BUCKET)
-        record = await change_client(state.store, kv, name, **changes)
+        kv = await RegistryBuckets.of(js)
+        record = await change_client(
+            state.store,
+            kv,
+            name,
+            allowed_nets=callback_nets(state.settings),
+            ceiling=await _ceiling(state, js, changes.get("buffer_max")),
+            **changes,
+        )
     except StoreError as exc:
         raise _refused(exc) from None
-    except UnknownClient:
+    except TidegateError:  # an unknown client, a refused callback URL: said as it is
         raise
     except Exception as exc:  # NATS failed between the check and the mirror write
         raise ServiceDown(
@@ -172,6 +181,14 @@ async def apply_change(
     shown = {k: ("***" if k == "callback_secret" else v) for k, v in changes.items()}
     await _audit(state.store, request, action, name, shown)
     return record
+
+
+async def _ceiling(state: State, js: JetStreamContext, buffer_max: int | None) -> int | None:
+    """The stream-wide buffer quota a client's own must stay within, read only when one is
+    being set."""
+    if buffer_max is None:
+        return None
+    return await stream_ceiling(js, state.settings.limits.client_buffer_max)
 
 
 def _refused(exc: StoreError) -> TidegateError:
@@ -295,8 +312,14 @@ async def add_from_form(request: Request[Any, Any, Any], form: ClientForm) -> Cl
     record = ClientRecord(name=form.name, **changes_of(form, None))
     js = _kv_or_refuse(state.link)
     try:
-        kv = await js.key_value(names.CLIENTS_BUCKET)
-        stored = await add_client(state.store, kv, record)
+        kv = await RegistryBuckets.of(js)
+        stored = await add_client(
+            state.store,
+            kv,
+            record,
+            allowed_nets=callback_nets(state.settings),
+            ceiling=await _ceiling(state, js, record.buffer_max),
+        )
     except StoreError as exc:
         raise _refused(exc) from None
     except TidegateError:

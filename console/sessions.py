@@ -45,7 +45,7 @@ from litestar.utils.scope.state import ScopeState
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from tidegate.bus.topology import ensure_sessions_bucket
+from tidegate.bus.buckets import ensure_sessions_bucket
 from tidegate.console.link import BusLink
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,13 @@ class SessionStore(Store):
         link: BusLink,
         *,
         max_age_s: int,
+        replicas: int = 1,
         cache_max: int = CACHE_MAX,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._link = link
         self._max_age_s = max_age_s
+        self._replicas = replicas  # of the sessions bucket, when this console creates it
         self._cache_max = cache_max
         self._clock = clock
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
@@ -126,7 +128,8 @@ class SessionStore(Store):
                 return None
             try:
                 self._bucket = await asyncio.wait_for(
-                    ensure_sessions_bucket(js, float(self._max_age_s)), KV_TIMEOUT_S * 5
+                    ensure_sessions_bucket(js, float(self._max_age_s), self._replicas),
+                    KV_TIMEOUT_S * 5,
                 )
             except Exception as exc:
                 self._bucket_retry_at = self._clock() + BUCKET_RETRY_S

@@ -8,7 +8,6 @@ watches: it needs NATS, not the database.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import re
 from collections.abc import Mapping
@@ -29,10 +28,17 @@ from litestar.types import ControllerRouterHandler
 from tidegate import names
 from tidegate.bus.cancel import request_cancel
 from tidegate.console.auth import actor_of, operator_only
+from tidegate.console.retry import (
+    RETRY_BULK_MAX,
+    RetryRefused,
+    finished_task_ids,
+    retry_many,
+    start_next_run,
+)
 from tidegate.errors import StoreError, TidegateError
 from tidegate.store.operators import record_action
 from tidegate.store.rows import TaskRecord, TaskSearch
-from tidegate.wire import STATE_RANK, TERMINAL_STATES
+from tidegate.wire import STATE_RANK, TERMINAL_STATES, decode_cursor, encode_cursor
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +89,15 @@ def _when(values: Mapping[str, str], name: str) -> datetime | None:
 
 
 def cursor_of(task: TaskRecord) -> str:
-    raw = msgspec.json.encode([task.submitted_at.isoformat(), task.task_id])
-    return base64.urlsafe_b64encode(raw).decode()
+    # The wire's cursors: the NATS client API pages with the same ones.
+    return encode_cursor(task.submitted_at, task.task_id)
 
 
 def _cursor(text: str) -> tuple[datetime, str]:
     try:
-        at, task_id = msgspec.json.decode(base64.urlsafe_b64decode(text.encode()))
-        return datetime.fromisoformat(at), str(task_id)
-    except (ValueError, TypeError, msgspec.DecodeError):
-        raise FilterError(
-            "after: not a page cursor of this list; start from the first page"
-        ) from None
+        return decode_cursor(text)
+    except ValueError as exc:
+        raise FilterError(f"after: {exc}") from None
 
 
 def masked_env(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -169,9 +172,13 @@ async def task_page(state: State, task_id: Annotated[str, QueryParameter(name="i
             "task_id": task_id,
             "task": task,
             "runs": runs[1:],
+            # Latest first, in order of run ids (a later submission of the key, or a retry,
+            # has a larger one): the latest is run N of N.
+            "run_count": len(runs),
             "env": masked_env(task.env if task else None),
             "error": error,
             "terminal": task is not None and task.state in TERMINAL_STATES,
+            "terminal_states": TERMINAL_STATES,  # an earlier attempt short of them was redelivered
         },
         status_code=404 if task is None and not error.startswith("the database") else 200,
     )
@@ -185,13 +192,38 @@ def _message(text: str, status: int = 200, kind: str = "notice") -> Response[str
     )
 
 
-async def send_cancels(request: Request[Any, Any, Any], task_ids: list[str], what: str) -> int:
+CancelTarget = tuple[str, int | None]  # a task id and the run to cancel (None: every run so far)
+
+
+async def latest_run(state: State, task_id: str) -> int | None:
+    """The run a cancel of `task_id` names: its latest known one, if unfinished. None when the
+    database does not answer, has no row yet or shows that run ended (a later one may not be
+    projected yet): the request then cancels every run submitted until now."""
+    try:
+        record = await asyncio.wait_for(state.store.get_task(task_id), READ_TIMEOUT_S)
+    except (TimeoutError, StoreError, OSError) as exc:
+        log.warning("latest run of %s unknown (%s): cancelling every run so far", task_id, exc)
+        return None
+    if record is None or record.state in TERMINAL_STATES:
+        return None
+    return int(record.run)
+
+
+async def send_cancels(
+    request: Request[Any, Any, Any], targets: list[CancelTarget], what: str
+) -> int:
     js = request.app.state.link.js
     if js is None:
         raise CancelFailed("NATS is unreachable: no cancel request was sent; try again later")
     kv = await js.key_value(names.CANCEL_BUCKET)
-    for task_id in task_ids:
-        await request_cancel(kv, task_id)
+    # Each request names its run: a later run of the same task id is not cancelled by it. One
+    # key holds a task id's request, so several runs of one id are one request for all so far.
+    runs: dict[str, int | None] = {}
+    for task_id, run in targets:
+        runs[task_id] = run if task_id not in runs or runs[task_id] == run else None
+    task_ids = list(runs)
+    for task_id, run in runs.items():
+        await request_cancel(kv, task_id, run)
     try:
         await record_action(
             request.app.state.store,
@@ -214,7 +246,8 @@ async def cancel_task(
     request: Request[Any, Any, Any], task_id: Annotated[str, QueryParameter(name="id")]
 ) -> Response[str]:
     try:
-        await send_cancels(request, [task_id], task_id)
+        run = await latest_run(request.app.state, task_id)
+        await send_cancels(request, [(task_id, run)], task_id)
     except TidegateError as exc:
         return _message(str(exc), HTTP_503_SERVICE_UNAVAILABLE, "error")
     return _message(f"cancel requested for {task_id}: its process group is killed at once")
@@ -240,7 +273,8 @@ async def cancel_matching(request: Request[Any, Any, Any], data: Form) -> Respon
             content=_confirm_form(data, len(unfinished)), media_type="text/html", status_code=200
         )
     try:
-        n = await send_cancels(request, [t.task_id for t in unfinished], describe_search(search))
+        targets: list[CancelTarget] = [(t.task_id, t.run) for t in unfinished]
+        n = await send_cancels(request, targets, describe_search(search))
     except TidegateError as exc:
         return _message(str(exc), HTTP_503_SERVICE_UNAVAILABLE, "error")
     return _message(f"cancel requested for {n} tasks")
@@ -265,20 +299,66 @@ def describe_search(search: TaskSearch) -> str:
     return "tasks where " + (", ".join(parts) or "any")
 
 
-def _confirm_form(data: Mapping[str, str], count: int) -> str:
+def _confirm_form(data: Mapping[str, str], count: int, action: str = "cancel") -> str:
     hidden = "".join(
         f'<input type="hidden" name="{escape(k)}" value="{escape(v)}">'
         for k, v in data.items()
         if k not in ("confirm", "_csrf_token")
     )
+    which = "unfinished" if action == "cancel" else "finished"
     if count == 0:
-        return '<p class="notice" role="status">No unfinished task matches: nothing to cancel.</p>'
+        return f'<p class="notice" role="status">No {which} task matches: nothing to {action}.</p>'
     return (
-        f'<form hx-post="/tasks/cancel" hx-target="this" hx-swap="outerHTML" class="notice">'
+        f'<form hx-post="/tasks/{action}" hx-target="this" hx-swap="outerHTML" class="notice">'
         f'{hidden}<input type="hidden" name="confirm" value="{count}">'
-        f"<strong>Cancel {count} unfinished task{'s' if count != 1 else ''}?</strong> "
-        f'<button type="submit" name="confirm-cancel">Yes, cancel {count}</button></form>'
+        f"<strong>{action.capitalize()} {count} {which} task{'s' if count != 1 else ''}?</strong> "
+        f'<button type="submit" name="confirm-{action}">Yes, {action} {count}</button></form>'
     )
 
 
-ROUTES: list[ControllerRouterHandler] = [tasks_page, cancel_matching, task_page, cancel_task]
+@post("/task/retry", guards=[operator_only])
+async def retry_task(
+    request: Request[Any, Any, Any], task_id: Annotated[str, QueryParameter(name="id")]
+) -> Response[str]:
+    """Start the task's next run (see `console.retry`)."""
+    try:
+        done = await start_next_run(request.app.state, task_id, actor=actor_of(request))
+    except RetryRefused as exc:
+        return _message(str(exc), exc.status, "error")
+    return _message(done.message)
+
+
+@post("/tasks/retry", guards=[operator_only])
+async def retry_matching(request: Request[Any, Any, Any], data: Form) -> Response[str]:
+    """Bulk retry by filter (each finished task's next run): without `confirm`, the count."""
+    try:
+        search = parse_filters({k: v for k, v in data.items() if k not in ("after", "confirm")})
+        task_ids = await finished_task_ids(request.app.state, search)
+    except FilterError as exc:
+        return _message(str(exc), HTTP_422_UNPROCESSABLE_ENTITY, "error")
+    except (TimeoutError, StoreError, OSError) as exc:
+        return _message(f"the database did not answer ({exc or 'timeout'})", 503, "error")
+    if len(task_ids) > RETRY_BULK_MAX:
+        return _message(
+            f"more than {RETRY_BULK_MAX} finished tasks match: narrow the filter", 422, "error"
+        )
+    if data.get("confirm") != str(len(task_ids)):
+        form = _confirm_form(data, len(task_ids), action="retry")
+        return Response(content=form, media_type="text/html", status_code=200)
+    try:
+        done = await retry_many(
+            request.app.state, task_ids, actor=actor_of(request), what=describe_search(search)
+        )
+    except RetryRefused as exc:
+        return _message(str(exc), exc.status, "error")
+    return _message(done.message)
+
+
+ROUTES: list[ControllerRouterHandler] = [
+    tasks_page,
+    cancel_matching,
+    retry_matching,
+    task_page,
+    cancel_task,
+    retry_task,
+]

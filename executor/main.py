@@ -15,6 +15,7 @@ from tidegate.config import Settings
 from tidegate.executor.agent import Executor
 from tidegate.executor.control import ControlFollower
 from tidegate.executor.logserver import LogServer
+from tidegate.executor.spawn import use_pidfd_watcher
 from tidegate.executor.tasklogs import prune_loop
 from tidegate.metrics import ExecutorMetrics, serve
 from tidegate.supervise import Supervisor
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
     conn, ex = settings.connection, settings.executor
+    if ex.pidfd_watcher:
+        use_pidfd_watcher(asyncio.get_running_loop())
     nc = await connect(conn.nats_url, f"tidegate-executor-{ex.pool}")
     js = nc.jetstream()
     buckets = await ensure_all(js, settings.limits)
@@ -43,14 +46,8 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
         metrics,
         log_dir=log_dir,
         clients=clients.get,
+        watch_cancels=True,
     )
-
-    async def watch_cancels() -> None:
-        watcher = await buckets.cancel.watchall()
-        async for entry in watcher:
-            if entry is not None and entry.value:
-                agent.on_cancel(entry.key, entry.value)
-
     control = ControlFollower(buckets.executor_control, agent)
     await control.load()
     sup = Supervisor(f"executor {agent.id}")
@@ -61,7 +58,7 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
     # Answers until the very end, drain included: a draining executor's tasks still run.
     logs = LogServer(nc, agent.id, log_dir, keep_hours=ex.task_log_retention_h)
     sup.start("task-log-server", logs.run)
-    sup.start("cancels", watch_cancels)
+    sup.start("cancels", agent.cancel_loop)
     sup.start("fetch-short", lambda: agent.fetch_loop("short"))
     sup.start("fetch-long", lambda: agent.fetch_loop("long"))
     log.info("executor %s serving pool %s with %d slots", agent.id, ex.pool, ex.slots)

@@ -16,9 +16,11 @@ import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Final, Literal
 
+from tidegate.errors import TidegateError
 from tidegate.wire import TaskSpec
 
 Outcome = Literal["succeeded", "failed", "timed_out", "cancelled"]
@@ -47,10 +49,20 @@ class ProcessResult:
 
 
 class _Output:
-    """Merged stdout+stderr: a bounded log file plus an in-memory tail."""
+    """Merged stdout+stderr: a bounded log file plus an in-memory tail.
 
-    def __init__(self, log: BinaryIO | None, limits: ProcessLimits) -> None:
+    With `opener`, the file is made only when the first output arrives: an attempt that prints
+    nothing leaves no file (the log server then says it wrote no log). Creating a file costs
+    about as much as starting a no-op process on a journaling file system."""
+
+    def __init__(
+        self,
+        log: BinaryIO | None,
+        limits: ProcessLimits,
+        opener: Callable[[], BinaryIO] | None = None,
+    ) -> None:
         self._log = log
+        self._opener = opener
         self._max = limits.log_max_bytes
         self._tail_max = limits.log_tail_bytes
         self._tail = bytearray()
@@ -65,6 +77,12 @@ class _Output:
 
     def feed(self, data: bytes) -> None:
         self.total += len(data)
+        if self._opener is not None and data:
+            opener, self._opener = self._opener, None
+            try:
+                self._log = opener()
+            except OSError as exc:
+                self.note(f"cannot write log: {exc}")
         if self._log is not None and not self._truncated:
             part = data[: self._max - self._logged]
             try:
@@ -162,6 +180,18 @@ def _open_log(path: Path) -> BinaryIO:
     return path.open("wb")
 
 
+# A start that fails for want of the host's resources says nothing about the task: the host is
+# out of processes, memory or file descriptors. Any other failure to start is the task's own
+# (no such program, no permission, no such cwd) and ends it as `failed`.
+_HOST_ERRNOS: Final = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+
+
+class LaunchFault(TidegateError):
+    """The executor could not start any process just now (not the task's fault): the task
+    goes back, to be tried again after a delay. If it persists, free the host's processes,
+    memory or file descriptors (`ulimit -u`, `ulimit -n`)."""
+
+
 def _launch_error(exc: OSError | ValueError, spec: TaskSpec) -> str:
     # subprocess reports a failed chdir as an OSError whose filename is the cwd.
     if isinstance(exc, OSError) and spec.cwd is not None and exc.filename == spec.cwd:
@@ -200,8 +230,12 @@ async def run_process(
     cancel: asyncio.Event | None = None,
     cancel_reason: Callable[[], str] | None = None,
     on_start: Callable[[int], None] | None = None,
+    open_log: Callable[[Path], BinaryIO] | None = None,
 ) -> ProcessResult:
-    """Run `spec` to its end; task-caused problems come back as a result, never as an error."""
+    """Run `spec` to its end; task-caused problems come back as a result, never as an error.
+
+    `open_log` opens the log file on the loop (tasklogs.LogFiles), once the task prints
+    something; without it the file and its directory are made in a worker thread first."""
     started_at = _now()
 
     def finish(outcome: Outcome, code: int | None, reason: str) -> ProcessResult:
@@ -220,12 +254,15 @@ async def run_process(
 
     log: BinaryIO | None = None
     log_problem = ""
-    if log_path is not None:
+    opener: Callable[[], BinaryIO] | None = None
+    if log_path is not None and open_log is not None:
+        opener = partial(open_log, log_path)
+    elif log_path is not None:
         try:
             log = await asyncio.to_thread(_open_log, log_path)
         except OSError as exc:
             log_path, log_problem = None, f"cannot write log: {exc}"
-    output = _Output(log, limits)
+    output = _Output(log, limits, opener)
     if log_problem:
         output.note(log_problem)
 
@@ -244,7 +281,8 @@ async def run_process(
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                env={**base_env, **spec.env},
+                # The executor's own environment is inherited as it is, not copied per task.
+                env=None if base_env is os.environ and not spec.env else {**base_env, **spec.env},
                 cwd=spec.cwd,
             )
         )
@@ -254,7 +292,11 @@ async def run_process(
             # The child may exist already, with nobody left to stop it.
             spawn.add_done_callback(_reap_when_started)
             raise
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            if exc.errno in _HOST_ERRNOS:
+                raise LaunchFault(f"cannot start a process on this host: {exc}") from exc
+            return finish("failed", None, _launch_error(exc, spec))
+        except ValueError as exc:
             return finish("failed", None, _launch_error(exc, spec))
 
         pgid = transport.get_pid()  # start_new_session: the leader's pid is the group's id

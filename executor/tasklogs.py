@@ -13,10 +13,35 @@ import logging
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
 _HOUR_FORMAT = "%Y%m%d%H"
+
+
+class LogFiles:
+    """Opens attempts' log files, making each hour directory once rather than per attempt.
+
+    Called on the event loop, not in a thread: creating a file in a directory that exists is
+    a few microseconds on a local disk, less than a hop to a worker thread and back."""
+
+    _KEEP = 4  # directories remembered: the hours that may still be started in
+
+    def __init__(self) -> None:
+        self._made: list[Path] = []
+
+    def open(self, path: Path) -> BinaryIO:
+        folder = path.parent
+        if folder not in self._made:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._made = [*self._made[-(self._KEEP - 1) :], folder]
+        try:
+            return path.open("wb")
+        except FileNotFoundError:
+            # Removed meanwhile (by hand, or retention set shorter than an hour): make it again.
+            folder.mkdir(parents=True, exist_ok=True)
+            return path.open("wb")
 
 
 def log_path(root: Path, task_id: str, attempt: int, at: datetime) -> Path:

@@ -19,6 +19,9 @@ PersistMode = Literal["batch", "per-event"]
 
 T = TypeVar("T")
 
+# Each partition is a lease, a durable consumer and a few tasks in the holding driver.
+NOTIFY_PARTITIONS_MAX = 64
+
 
 @dataclass(frozen=True, kw_only=True)
 class Connection:
@@ -34,6 +37,10 @@ class Limits:
     """Buffer sizes and timings shared by every component that creates the JetStream topology."""
 
     tasks_max_bytes: int = 4 * 1024**3  # the submission buffer; full → publishers get an error
+    # One client's quota of waiting tasks: submitted and not routed yet (per client), and routed
+    # and not dispatched yet (per client and pool). A paused, capped or unserved client that
+    # reaches it gets `BufferFull` alone; the others' room is untouched. Holds a midnight flood.
+    client_buffer_max: int = 1_000_000
     work_max_bytes: int = 4 * 1024**3
     events_max_bytes: int = 4 * 1024**3
     duplicate_window_s: float = 3600.0  # a key resubmitted within this window runs once
@@ -41,6 +48,41 @@ class Limits:
     work_ack_wait_s: float = 30.0  # an executor silent this long loses its task to another
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 6.0
+    # Message dead letters (poison set aside by a stage). Refused when full rather than
+    # dropping the oldest: a dead letter is data an operator has not looked at yet.
+    dead_max_bytes: int = 1024**3
+    dead_max_age_s: float = 30 * 24 * 3600.0
+    # Deliveries of one message to a route, ready, projector or notify consumer before it is
+    # set aside as a dead letter (the work consumer's bound is its own: attempts count there).
+    max_deliver: int = 20
+    # How long the projector's consumer waits for an ack before it redelivers (the projector
+    # keeps a batch it holds through a database outage alive at a third of this, whatever
+    # the outage's length). Shorter only to make tests of long outages fast.
+    projector_ack_wait_s: float = 30.0
+    # How long a notifier partition's consumer waits for an ack before it redelivers (its
+    # holder keeps what it holds alive at a third of this). The events a frozen or killed
+    # holder held reach the next holder after at most this long. Shorter only for tests.
+    notify_ack_wait_s: float = 60.0
+    # Copies of every stream and bucket in a NATS cluster (1, 3 or 5; more than 1 needs a
+    # cluster). Used when a stream or bucket is created: an existing one keeps its replicas,
+    # which an operator changes on the server (`nats stream edit NAME --replicas 3`).
+    replicas: int = 1
+    # Notifier partitions: clients are hashed into this many, each with its own lease, so
+    # several drivers call back at once (a client's callbacks stay in one partition, in order).
+    # It shapes the events stream (a subject transform): give every component the same value.
+    # Raising it takes effect for events published afterwards; lowering it is not supported
+    # while events of the dropped partitions wait (they keep their consumer, which no driver
+    # reads any more).
+    notify_partitions: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.replicas <= 5:  # JetStream's own bound
+            raise ConfigError(f"TIDEGATE_REPLICAS={self.replicas}: must be 1 to 5 (1, 3 or 5)")
+        if not 1 <= self.notify_partitions <= NOTIFY_PARTITIONS_MAX:
+            raise ConfigError(
+                f"TIDEGATE_NOTIFY_PARTITIONS={self.notify_partitions}: must be 1 to "
+                f"{NOTIFY_PARTITIONS_MAX}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +98,12 @@ class DriverSettings:
     metrics_port: int | None = None  # None: no /metrics server; 0: any free port
     retention_days: int = 30
     callback_timeout_s: float = 5.0  # an endpoint slower than this has failed
+    # Address ranges callbacks may go to although they are loopback, link-local, private or
+    # multicast (comma-separated CIDR; mesh/urlpolicy.py). Empty: none of those, ever.
+    callback_allow_nets: str = ""
+    # Callback requests in flight at once per client (the notifier's and the retry job's),
+    # in order per task: a task's next callback waits for its previous one.
+    callback_concurrency: int = 16
     retry_every_s: float = 1.0  # how often each driver looks for due callbacks
     retry_base_s: float = 1.0  # backoff: base * factor^(attempt-1), capped, with ±20% jitter
     retry_factor: float = 2.0
@@ -68,6 +116,13 @@ class DriverSettings:
     # How often a driver publishes its counters to the stats stream (the console's charts and
     # rates): shorter gives finer charts, at one small message per driver per period.
     stats_every_s: float = 5.0
+    # A client's route consumer is deleted by the server after this long without a pull
+    # (the router forgets it after half of it, and makes it again when the client returns).
+    route_inactive_threshold_s: float = 7 * 24 * 3600.0
+    # The reconciler: a task that waited this long for a live executor of its pool, or whose
+    # executor died with nobody to take it over (counted after the work ack wait), is `lost`.
+    lost_after_s: float = 600.0
+    reconcile_every_s: float = 5.0  # how often a driver looks for stranded tasks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +136,7 @@ class ExecutorSettings:
     drain_timeout_s: float = 30.0
     task_log_retention_h: float = 48.0  # task log files older than this are removed
     metrics_port: int | None = None
+    pidfd_watcher: bool = True  # Linux: reap task processes through pidfds, not a thread each
 
 
 @dataclass(frozen=True, kw_only=True)

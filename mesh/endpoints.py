@@ -19,6 +19,7 @@ from typing import Any
 
 from tidegate.config import Connection, Settings
 from tidegate.errors import ConfigError
+from tidegate.urlpolicy import Net, parse_nets
 
 ENDPOINTS_FILE = "endpoints.json"
 OPERATOR_FILE = "operator.json"
@@ -57,6 +58,19 @@ def resolve_connection(settings: Settings) -> Connection:
         database_url=conn.database_url or found["database_url"],
         data_dir=conn.data_dir,
     )
+
+
+def callback_nets(settings: Settings) -> tuple[Net, ...]:
+    """The ranges callbacks may reach: the environment's, else those of the running `tidegate
+    up` (a command beside it must accept the callback URLs its drivers will call)."""
+    if settings.driver.callback_allow_nets:
+        return parse_nets(settings.driver.callback_allow_nets)
+    try:
+        found = json.loads(endpoints_path(settings.connection.data_dir).read_text())
+    except (OSError, ValueError):
+        return ()
+    value = found.get("callback_allow_nets", "") if isinstance(found, dict) else ""
+    return parse_nets(value) if isinstance(value, str) else ()
 
 
 def with_connection(settings: Settings) -> Settings:

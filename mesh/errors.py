@@ -67,3 +67,33 @@ class EmbeddedServerError(TidegateError):
 
 class TopologyError(TidegateError):
     """A JetStream stream or consumer exists with settings that cannot be changed in place."""
+
+
+class DeadLetterNotFound(BadInput):
+    """No dead letter has that id or sequence (`tidegate dead-letters list` shows them)."""
+
+
+class RedriveRefused(TidegateError):
+    """A dead letter could not be re-driven; it stays a dead letter, and the message says why."""
+
+
+class ClientApiError(TidegateError):
+    """A client API request (read, list, cancel on `tg.api.<client>.…`) was not served; the
+    message says why. `code` is the driver's reason code (wire.ErrorCode) or `no_driver`."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ApiUnavailable(ClientApiError):
+    """No driver answered, or the driver could not reach PostgreSQL or NATS: nothing was done
+    (a cancel may have been; sending it again is safe). Retry later; operators: check that a
+    driver runs and that its database is up."""
+
+
+class ApiRefused(ClientApiError):
+    """A driver refused the request: the client is not registered, the body is not what the
+    operation takes, or the task is another client's. Fixing the call fixes it."""
+
+    exit_code = 2

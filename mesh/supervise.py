@@ -17,6 +17,7 @@ T = TypeVar("T")
 
 LOOP_RESTART = Backoff(base_s=0.1, cap_s=10.0)  # a crashed loop, again and again
 RETRY = Backoff(base_s=0.1, cap_s=5.0)  # `until_done`: a server that is away for a while
+_RECANCEL_S = 0.5  # stopping: a loop still running this long after its cancel gets another
 
 
 class Supervisor:
@@ -65,11 +66,23 @@ class Supervisor:
                 await asyncio.sleep(delay)
 
     async def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every loop; wait at most `timeout` for them to end."""
         self._stopping = True
-        for task in self._tasks.values():
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks.values(), timeout=timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = set(self._tasks.values())
+        while pending:
+            # Again and again: a cancellation can be lost (Python 3.11's `wait_for` swallows
+            # one when its inner future completes at the same moment), and a loop that lost it
+            # would run on, a driver "stopping" for as long as its backlog lasts.
+            for task in pending:
+                task.cancel()
+            left = deadline - loop.time()
+            if left <= 0:
+                names = ", ".join(sorted(t.get_name() for t in pending))
+                log.warning("%s: loops still running after %.1fs: %s", self.owner, timeout, names)
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(left, _RECANCEL_S))
         self._tasks.clear()
 
     async def wait(self) -> None:

@@ -24,10 +24,11 @@ from tidegate.wire import ClientRecord
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    external = os.environ.get("TIDEGATE_TEST_DATABASE_URL")
-    if external:
-        yield external
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres | None]:
+    """The suite's PostgreSQL, as `tidegate up` runs it (passwords, a non-superuser role that
+    owns each test's database); None when TIDEGATE_TEST_DATABASE_URL names one instead."""
+    if os.environ.get("TIDEGATE_TEST_DATABASE_URL"):
+        yield None
         return
     # Durability settings off: the suite tests logic, not the disk; the fault tests stop the
     # server with `pg_ctl -m immediate`-like kills through their own fixture.
@@ -35,14 +36,20 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         tmp_path_factory.mktemp("pg"),
         options=("-c fsync=off", "-c synchronous_commit=off", "-c max_connections=300"),
     )
-    yield server.start()
+    server.start()
+    yield server
     server.stop()
 
 
 @pytest.fixture
-def database_url(pg_server_url: str) -> Iterator[str]:
+def database_url(pg_server: EmbeddedPostgres | None) -> Iterator[str]:
     """A fresh, empty database for one test (migrations not applied)."""
     name = f"tg_{uuid.uuid4().hex[:12]}"
+    if pg_server is not None:
+        yield pg_server.create_database(name)
+        pg_server.drop_database(name)
+        return
+    pg_server_url = os.environ["TIDEGATE_TEST_DATABASE_URL"]
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     params = conninfo_to_dict(pg_server_url)

@@ -19,7 +19,11 @@ from tidegate.bus.natsconn import connect
 from tidegate.bus.topology import ensure_all
 from tidegate.config import Settings
 from tidegate.store.store import Store
+from tidegate.urlpolicy import LOCAL_CALLBACK_NETS, parse_nets
 from tidegate.wire import ClientRecord
+
+# The tests' callback receivers are on loopback, refused by default (mesh/urlpolicy.py).
+LOOPBACK = parse_nets(LOCAL_CALLBACK_NETS)
 
 # Short timings so fault tests finish in seconds, not minutes.
 FAST_ENV = {
@@ -31,6 +35,8 @@ FAST_ENV = {
     "TIDEGATE_PROJECTOR_MAX_COMMITS_PER_S": "50",
     "TIDEGATE_DRAIN_TIMEOUT_S": "5",
     "TIDEGATE_LOG_LEVEL": "INFO",
+    # The tests' callback receivers listen on loopback, which production refuses by default.
+    "TIDEGATE_CALLBACK_ALLOW_NETS": "127.0.0.0/8",
 }
 
 
@@ -170,7 +176,7 @@ async def register(nats_url: str, database_url: str, *records: ClientRecord) -> 
                 await store.add_client(record)
                 stored = await store.get_client(record.name)
                 assert stored is not None
-                await publish_client(buckets.clients, stored)
+                await publish_client(buckets.registry, stored)
     finally:
         await nc.drain()
 
@@ -210,4 +216,21 @@ MODE_KEYS = {
     "rows_written",
     "rows_per_task",
     "error",
+    "terminal_x_spawn",
+    "submit_x_publish",
+    "sensitive_clients",
+    "sensitive_tasks",
+    "callbacks_expected",
+    "callbacks_received",
+    "callback_duplicates",
+    "callbacks_out_of_order",
+    "callbacks_by_state",
+    "callback_requests",
+    "callbacks_s",
+    "callbacks_per_s",
+    "callback_latency_ms",
+    "db_lag_ms",
+    "usage",
+    "timeline",
+    "commit_samples",
 }

@@ -42,6 +42,7 @@ class Receiver:
 
     respond: Responder = lambda path, body: 200
     hits: list[Hit] = field(default_factory=list)
+    error_body: bytes = b"boom: receiver says no"  # the body of every non-2xx answer
     port: int = 0
 
     async def __aenter__(self) -> Receiver:
@@ -88,7 +89,7 @@ class Receiver:
                 if status is None:
                     await self._stop.wait()  # hang until the test ends
                     return
-                text = b"ok" if 200 <= status < 300 else b"boom: receiver says no"
+                text = b"ok" if 200 <= status < 300 else self.error_body
                 writer.write(
                     f"HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\n"
                     f"Content-Length: {len(text)}\r\n\r\n".encode()

@@ -158,7 +158,7 @@ async def _prepare(stack: Stack, cfg: ConsoleConfig) -> tuple[str, DataFacts]:
         password = operators.generate_password()
         async with Store(stack.database_url, max_size=1, name="tidegate-bench") as store:
             for name in clients:
-                await add_client(store, buckets.clients, ClientRecord(name=name))
+                await add_client(store, buckets.registry, ClientRecord(name=name), allowed_nets=())
             await operators.add_operator(
                 store, username=OPERATOR, password=password, role="viewer", actor="bench"
             )

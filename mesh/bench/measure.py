@@ -4,14 +4,17 @@ How far the figures can be trusted:
 
 - Tidegate's tables live in a database of their own (`tidegate`). The commit sampler reads
   `pg_stat_database` over a connection to the `postgres` database, so sampling costs the
-  measured database nothing. The completion poller has to query `tasks` itself: its statements
-  are counted exactly, subtracted from `commits`, and reported as `poller_commits`.
+  measured database nothing. The completion poller has to query `tasks` itself: it rolls each
+  read back, so it adds no commit, and nothing is subtracted from `commits` or from the peak
+  (`poller_commits` is 0).
 - PostgreSQL publishes a backend's counters at most once a second (an idle backend's up to
   10 s late), but always when the backend exits. Totals are therefore read after the driver
   and executors have exited, against a baseline read before they started: `commits` covers the
   driver's whole life, start-up included (a few dozen), and autovacuum's few transactions.
 - For the same reason one 0.5 s sample can hold a whole second of a backend's commits, so the
-  peak rate is taken over 1 s windows (two samples), never over a single sample.
+  peak rate is taken over 1 s windows (two samples), never over a single sample. It can still
+  err high: a window can see one backend publish twice (a second and a bit apart), and so hold
+  up to two seconds of that backend's commits.
 """
 
 from __future__ import annotations
@@ -94,16 +97,26 @@ class CommitMeter:
 
 
 class Poller:
-    """Counts terminal tasks; every statement it runs is a commit in the measured database."""
+    """Counts terminal tasks without adding a commit to the measured database: each read runs
+    in a transaction that is rolled back (counted in `xact_rollback`, never in `xact_commit`),
+    so neither the total nor any one-second peak has anything of the benchmark's to subtract,
+    and nothing of the driver's can be subtracted by mistake."""
 
     def __init__(self, conn: Conn) -> None:
         self._conn = conn
-        self.statements = 0
+        self.reads = 0
+        self.commits = 0  # the poller's own commits in the measured database: none
+
+    @property
+    def statements(self) -> int:
+        """What a caller subtracts from the commit counter: the poller's commits (none)."""
+        return self.commits
 
     async def terminal(self) -> int:
-        self.statements += 1
-        cur = await self._conn.execute("SELECT count(*) FROM tasks WHERE state_rank = 3")
-        row = await cur.fetchone()
+        self.reads += 1
+        async with self._conn.transaction(force_rollback=True):
+            cur = await self._conn.execute("SELECT count(*) FROM tasks WHERE state_rank = 3")
+            row = await cur.fetchone()
         return int(row[0]) if row else 0
 
 

@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import Final
 
 import psutil
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tidegate.bench.model import BenchError
 from tidegate.embedded.children import kill_trees, signal_alive, spawn_component
@@ -55,12 +52,16 @@ class Stack:
 
     def start_servers(self) -> None:
         self.nats_url = self.nats.start()
-        self.admin_url = self.pg.start()
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB_NAME)))
-        params = conninfo_to_dict(self.admin_url)
-        params["dbname"] = DB_NAME
-        self.database_url = make_conninfo("", **params)
+        self.pg.start()
+        self.admin_url = self.pg.admin_url
+        self.database_url = self.pg.create_database(DB_NAME)
+
+    def postmaster_pid(self) -> int | None:
+        """PostgreSQL's root process (its first line of postmaster.pid), for the usage figures."""
+        try:
+            return int((self.pg.pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -69,6 +70,8 @@ class Stack:
             TIDEGATE_DATABASE_URL=self.database_url,
             TIDEGATE_DATA_DIR=str(self.root / "data"),
         )
+        # The benchmark's callback sink listens on loopback.
+        env.setdefault("TIDEGATE_CALLBACK_ALLOW_NETS", "127.0.0.0/8")
         # Executors log every task at INFO: 20k lines of I/O would be measured too.
         env.setdefault("TIDEGATE_LOG_LEVEL", "WARNING")
         return env

@@ -34,6 +34,23 @@ class Leases:
         except nats.js.errors.KeyWrongLastSequenceError:
             return None
 
+    async def announce(self, key: str) -> None:
+        """Keep a key of this owner's alive (no exclusivity: "I am here" for the TTL)."""
+        await self._kv.put(key, self.owner.encode())
+
+    async def count(self, pattern: str) -> int:
+        """How many live keys match `pattern` (a key with wildcards): who else is around."""
+        watcher = await self._kv.watch(pattern, ignore_deletes=True, meta_only=True)
+        live = 0
+        try:
+            async for entry in watcher:
+                if entry is None:  # the current values are all seen
+                    break
+                live += 1
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return live
+
     async def release(self, key: str, revision: int) -> None:
         try:
             await self._kv.delete(key, last=revision)

@@ -10,6 +10,12 @@ from nats.aio.client import Client as NATS
 log = logging.getLogger(__name__)
 
 
+def servers(url: str) -> list[str]:
+    """`nats://a:4222,nats://b:4222`: every server of a cluster, as TIDEGATE_NATS_URL may list
+    them (nats-py wants a list). The client also learns the others from the first it reaches."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 async def connect(url: str, name: str, **options: Any) -> NATS:
     """A connection that never gives up reconnecting (nats-py's default stops after ~2 min)."""
 
@@ -26,7 +32,7 @@ async def connect(url: str, name: str, **options: Any) -> NATS:
         log.info("nats (%s): reconnected", name)
 
     await nc.connect(
-        url,
+        servers(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,

@@ -4,13 +4,19 @@ endpoint all publish, so that each applies the same rules and the same dedup id.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from tidegate import names
 from tidegate.bus.publish import Outgoing
 from tidegate.errors import InvalidTask, UnknownClient
-from tidegate.wire import TaskSpec, decode_spec, encode
+from tidegate.wire import TaskSpec, check_spec, decode_spec, encode
+
+_encode = msgspec.json.Encoder().encode
+_decode_all = msgspec.json.Decoder(list[TaskSpec]).decode
 
 
 def task_message(client: str, spec: TaskSpec, *, max_task_bytes: int) -> Outgoing:
@@ -28,6 +34,30 @@ def task_message(client: str, spec: TaskSpec, *, max_task_bytes: int) -> Outgoin
         payload=payload,
         msg_id=names.msg_id(client, spec.key),
     )
+
+
+def task_messages(client: str, specs: Sequence[TaskSpec], *, max_task_bytes: int) -> list[Outgoing]:
+    """`task_message` for many: the same checks, in one decoder call for all of them.
+
+    Raises `InvalidTask` for the first bad task, with the reason `task_message` gives."""
+    payloads = [_encode(spec) for spec in specs]
+    try:
+        # One round trip for the whole batch (the per-call cost dominates for small tasks);
+        # the cross-field rules and the size limit then per task.
+        for decoded in _decode_all(b"[" + b",".join(payloads) + b"]"):
+            check_spec(decoded)
+        valid = all(len(p) <= max_task_bytes for p in payloads)
+    except (msgspec.DecodeError, msgspec.ValidationError, InvalidTask):
+        valid = False
+    if not valid:  # find the first bad one and say why, as one task at a time would
+        for spec in specs:
+            task_message(client, spec, max_task_bytes=max_task_bytes)
+        raise InvalidTask("a task of the batch is invalid")  # unreachable: one raised above
+    subject = names.submit_subject(client)
+    return [
+        Outgoing(subject=subject, payload=p, msg_id=names.msg_id(client, spec.key))
+        for spec, p in zip(specs, payloads, strict=True)
+    ]
 
 
 async def check_registered(js: JetStreamContext, client: str) -> None:

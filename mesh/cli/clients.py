@@ -5,21 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import secrets
 from collections.abc import Awaitable, Callable
 
 import msgspec
-from nats.js.kv import KeyValue
 
+from tidegate import registry
+from tidegate.bus.buckets import ensure_buckets
+from tidegate.bus.clients import RegistryBuckets
 from tidegate.bus.natsconn import connect
-from tidegate.bus.topology import ensure_buckets
+from tidegate.bus.quota import stream_ceiling
 from tidegate.cli.commands import Command
-from tidegate.cli.options import settings_from
-from tidegate.endpoints import resolve_connection
+from tidegate.cli.options import BUFFER_MAX_DEFAULT, settings_from
+from tidegate.endpoints import callback_nets, resolve_connection
 from tidegate.errors import InvalidTask
 from tidegate.registry import add_client, change_client
+from tidegate.signing import new_secret
 from tidegate.store.store import Store
-from tidegate.wire import NAME_RE, ClientRecord
+from tidegate.wire import DEFAULT_CALLBACK_HELD_MAX, NAME_RE, ClientRecord
 
 # What `client set` may change: the `ClientRecord` fields of its options.
 SETTABLE = (
@@ -32,9 +34,12 @@ SETTABLE = (
     "max_submit_per_s",
     "default_pool",
     "callback_batch_max",
+    "callback_held_max",
+    "buffer_max",
 )
 
-Work = Callable[[Store, KeyValue], Awaitable[int]]
+# (store, mirror, the stream-wide buffer quota as the server has it)
+Work = Callable[[Store, RegistryBuckets, int], Awaitable[int]]
 
 
 def _registry(args: argparse.Namespace, command: Command, work: Work) -> int:
@@ -44,9 +49,11 @@ def _registry(args: argparse.Namespace, command: Command, work: Work) -> int:
     async def main() -> int:
         nc = await connect(conn.nats_url, "tidegate-cli")
         try:
-            buckets = await ensure_buckets(nc.jetstream(), settings.limits)
+            js = nc.jetstream()
+            buckets = await ensure_buckets(js, settings.limits)
+            ceiling = await stream_ceiling(js, settings.limits.client_buffer_max)
             async with Store(conn.database_url, min_size=1, max_size=2) as store:
-                return await work(store, buckets.clients)
+                return await work(store, buckets.registry, ceiling)
         finally:
             await nc.drain()
 
@@ -60,7 +67,7 @@ def add(args: argparse.Namespace, command: Command) -> int:
         raise InvalidTask("give --callback-url or --callback-nats, not both")
     secret = args.callback_secret
     if args.callback_url and not secret:
-        secret = secrets.token_urlsafe(32)
+        secret = new_secret()
     record = ClientRecord(
         name=args.name,
         sensitive=args.sensitive,
@@ -71,28 +78,46 @@ def add(args: argparse.Namespace, command: Command) -> int:
         max_submit_per_s=args.max_submit_per_s,
         default_pool=args.default_pool or "default",
         callback_batch_max=args.callback_batch_max or 1,
+        callback_held_max=args.callback_held_max or DEFAULT_CALLBACK_HELD_MAX,
+        buffer_max=args.buffer_max or None,  # absent or `default`: the stream-wide quota
     )
 
-    async def work(store: Store, kv: KeyValue) -> int:
-        await add_client(store, kv, record)
+    allowed = callback_nets(settings_from(args, command.options))
+
+    async def work(store: Store, kv: RegistryBuckets, ceiling: int) -> int:
+        await add_client(store, kv, record, allowed_nets=allowed, ceiling=ceiling)
         print(f"client {args.name} added")
         if secret and not args.callback_secret:
-            print(f"callback secret (verify X-Tidegate-Signature with it): {secret}")
+            print(f"callback secret (verify the webhook-signature header with it): {secret}")
         return 0
 
     return _registry(args, command, work)
 
 
 def list_(args: argparse.Namespace, command: Command) -> int:
-    async def work(store: Store, kv: KeyValue) -> int:
+    async def work(store: Store, kv: RegistryBuckets, ceiling: int) -> int:
         records = await store.list_clients()
         if args.json:
-            print(msgspec.json.encode(records).decode())
+            # Never the secrets: whoever reads a listing (or its log) must not be able to
+            # sign callbacks. Whether a client has one is enough to see.
+            shown = [
+                msgspec.structs.asdict(r)
+                | {
+                    "callback_secret": None,
+                    "callback_secret_previous": None,
+                    "has_callback_secret": bool(r.callback_secret),
+                }
+                # buffer_max null: the stream-wide quota, per buffer; never above the ceiling
+                | {"buffer_ceiling": ceiling}
+                for r in records
+            ]
+            print(msgspec.json.encode(shown).decode())
             return 0
         for r in records:
             how = r.callback_url or ("nats" if r.callback_nats else "-")
             mode = "sensitive" if r.sensitive else "non-sensitive"
-            print(f"{r.name:<24} {mode:<14} callback={how} paused={r.paused}")
+            quota = r.buffer_max if r.buffer_max is not None else f"default({ceiling})"
+            print(f"{r.name:<24} {mode:<14} callback={how} paused={r.paused} buffer_max={quota}")
         return 0
 
     return _registry(args, command, work)
@@ -104,11 +129,42 @@ def set_(args: argparse.Namespace, command: Command) -> int:
     changes = {k: getattr(args, k) for k in SETTABLE if getattr(args, k) is not None}
     if not changes:
         raise InvalidTask("nothing to change: give at least one option")
+    if changes.get("buffer_max") == BUFFER_MAX_DEFAULT:
+        changes["buffer_max"] = None  # back to the stream-wide quota
 
-    async def work(store: Store, kv: KeyValue) -> int:
-        await change_client(store, kv, args.name, **changes)
+    allowed = callback_nets(settings_from(args, command.options))
+
+    async def work(store: Store, kv: RegistryBuckets, ceiling: int) -> int:
+        await change_client(store, kv, args.name, allowed_nets=allowed, ceiling=ceiling, **changes)
         shown = {k: ("***" if k == "callback_secret" else v) for k, v in changes.items()}
+        if "buffer_max" in shown and shown["buffer_max"] is None:
+            shown["buffer_max"] = f"default({ceiling})"
         print(f"client {args.name} updated: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        return 0
+
+    return _registry(args, command, work)
+
+
+def rotate_secret(args: argparse.Namespace, command: Command) -> int:
+    async def work(store: Store, kv: RegistryBuckets, _ceiling: int) -> int:
+        record, secret = await registry.rotate_secret(
+            store, kv, args.name, overlap_s=args.overlap, secret=args.secret
+        )
+        until = record.callback_secret_previous_until
+        if args.json:
+            shown = {"client": args.name, "callback_secret": secret, "previous_until": until}
+            print(msgspec.json.encode(shown).decode())
+            return 0
+        if args.secret:
+            print(f"client {args.name}: callback secret replaced by the one given")
+        else:
+            print(f"client {args.name}: new callback secret (shown once): {secret}")
+        if not record.callback_secret_previous:
+            print("it had no secret before: callbacks are signed from now on")
+        elif args.overlap > 0 and until is not None:
+            print(f"the previous one also signs until {until:%Y-%m-%d %H:%M:%S} UTC")
+        else:
+            print("the previous one no longer signs (no overlap)")
         return 0
 
     return _registry(args, command, work)

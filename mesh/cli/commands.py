@@ -63,6 +63,13 @@ COMMANDS: Sequence[Command] = (
         o.CLIENT_SET,
     ),
     Command(
+        ("client", "rotate-secret"),
+        "give a client a new callback secret; the old one still signs during an overlap",
+        _h("clients", "rotate_secret"),
+        SERVER,
+        o.CLIENT_ROTATE,
+    ),
+    Command(
         ("operator", "add"),
         "add a console operator; prints a generated password once",
         _h("operators", "add"),
@@ -116,9 +123,30 @@ COMMANDS: Sequence[Command] = (
         "cancel a queued or running task",
         _h("submit", "cancel"),
         BASE,
-        (o.TASK_ID,),
+        (o.TASK_ID, o.RUN),
     ),
     Command(("tasks",), "list tasks, newest first", _h("tasks", "list_"), SERVER, o.TASKS),
+    Command(
+        ("dead-letters", "list"),
+        "list callback or message dead letters, newest first",
+        _h("deadletters", "list_"),
+        SERVER,
+        o.DEAD_LIST,
+    ),
+    Command(
+        ("dead-letters", "show"),
+        "show one dead letter with its reason and payload",
+        _h("deadletters", "show"),
+        SERVER,
+        o.DEAD_SHOW,
+    ),
+    Command(
+        ("dead-letters", "redrive"),
+        "send a dead letter again (callback: into its outbox; message: to its subject)",
+        _h("deadletters", "redrive"),
+        SERVER,
+        o.DEAD_REDRIVE,
+    ),
     Command(
         ("bench", "flood"),
         "the midnight flood: N tasks from C clients, per persist mode",
@@ -140,5 +168,6 @@ GROUPS = {
     "operator": "manage the console's operator accounts",
     "token": "manage the API tokens of the console's JSON API",
     "task": "one task",
+    "dead-letters": "callbacks and messages that could not be delivered or processed",
     "bench": "benchmarks on a private, temporary stack",
 }

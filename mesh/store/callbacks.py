@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import psycopg
@@ -48,6 +48,7 @@ __all__ = [
     "redrive_dead_letters",
     "retry_all_now",
     "retry_now",
+    "show_dead_letter",
     "summary",
 ]
 
@@ -306,6 +307,15 @@ async def redrive_dead_letter(store: Store, dead_id: int) -> Redriven:
         if result.moved == 0:  # re-driven by someone else while we waited for the lock
             raise _gone_from_dead(dead_id)
     return msgspec.structs.replace(result, task_id=row["task_id"], event_id=row["event_id"])
+
+
+async def show_dead_letter(store: Store, dead_id: int) -> tuple[DeadLetterEntry, Any] | None:
+    """One dead letter and the callback payload it holds (JSON), None if there is none."""
+    row = await store.fetch_one(Q.callbacks_dead_one, {"id": dead_id}, what="show a dead letter")
+    if row is None:
+        return None
+    payload = row.pop("payload")
+    return msgspec.convert(row, DeadLetterEntry), payload
 
 
 def _gone_from_dead(dead_id: int) -> CallbackGone:

@@ -38,6 +38,7 @@ class FlatEvent:
     spec: TaskSpec | None = None
     pool: str | None = None
     task_class: str | None = None
+    run: int = 0  # the run's id (wire.Event.run)
 
 
 class _Common(TypedDict):
@@ -49,6 +50,7 @@ class _Common(TypedDict):
     attempt: int
     at: datetime
     submitted_at: datetime
+    run: int
 
 
 def flatten(event: AnyEvent | Finished) -> FlatEvent:
@@ -62,6 +64,7 @@ def flatten(event: AnyEvent | Finished) -> FlatEvent:
         attempt=event.attempt,
         at=event.at,
         submitted_at=event.submitted_at,
+        run=event.run,
     )
     match event:
         case Queued():

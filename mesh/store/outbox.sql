@@ -65,6 +65,13 @@ FOR UPDATE SKIP LOCKED;
 -- name: outbox_delete_delivered
 DELETE FROM callback_outbox WHERE id = ANY(%(ids)s::bigint[]);
 
+-- name: outbox_savepoint
+-- Around a claim's failure bookkeeping, so that a refused update never undoes its deliveries.
+SAVEPOINT outbox_settle;
+
+-- name: outbox_rollback_savepoint
+ROLLBACK TO SAVEPOINT outbox_settle;
+
 -- name: outbox_fail_one
 -- clock_timestamp, not now(): the transaction began before the send, which may have taken
 -- the whole timeout, and the backoff counts from the failure.
@@ -208,6 +215,12 @@ LIMIT %(limit)s;
 
 -- name: callbacks_dead_row
 SELECT id, event_id, task_id, client FROM callback_dead_letters WHERE id = %(id)s;
+
+-- name: callbacks_dead_one
+-- One dead letter with the callback it would have sent (`tidegate dead-letters show`).
+SELECT id, event_id, task_id, client, state, attempts, last_error, created_at, dead_at, payload
+FROM callback_dead_letters
+WHERE id = %(id)s;
 
 -- name: callbacks_dead_scope
 SELECT count(*) AS n, max(id) AS upto

@@ -25,7 +25,6 @@ FILES: Final = ("queries.sql", "outbox.sql", "console.sql", "tokens.sql")
 @dataclass(frozen=True, slots=True)
 class Queries:
     # queries.sql
-    session_setup: str
     lock_migrations: str
     unlock_migrations: str
     create_schema_migrations: str
@@ -44,9 +43,12 @@ class Queries:
     get_client: str
     list_clients: str
     update_client: str
+    rotate_client_secret: str
     client_health: str
     search_tasks: str
     task_runs: str
+    task_spec: str
+    stranded_tasks: str
     # outbox.sql
     outbox_enqueue: str
     outbox_pending_clients: str
@@ -54,6 +56,8 @@ class Queries:
     outbox_lock_client: str
     outbox_claim_rows: str
     outbox_delete_delivered: str
+    outbox_savepoint: str
+    outbox_rollback_savepoint: str
     outbox_fail_one: str
     outbox_bury: str
     outbox_count_all: str
@@ -72,6 +76,7 @@ class Queries:
     callbacks_retry_now: str
     callbacks_dead_page: str
     callbacks_dead_row: str
+    callbacks_dead_one: str
     callbacks_dead_scope: str
     callbacks_redrive: str
     # console.sql

@@ -1,9 +1,6 @@
 -- Every statement the store sends, by name (loaded by mesh/store/queries.py).
 -- Full-line comments are stripped before sending; keep them above or between clauses.
 
--- name: session_setup
-SET TIME ZONE 'UTC';
-
 -- name: lock_migrations
 -- Session-level: held across the per-file transactions, so a second migrator waits and then
 -- finds nothing left to do.
@@ -35,19 +32,26 @@ SELECT tg_ensure_partition(day) FROM unnest(%(days)s::date[]) AS day;
 -- while still null, whatever order it arrives in; started_at only grows (a later attempt
 -- starts later). mesh/store/rows.py `merge` is the same rule in Python: keep them in step.
 -- The WHERE skips writes that would change nothing, so a replayed stream costs no new tuples.
+-- Each run of a task (a key submitted again after the dedup window, a retry) is a row of its
+-- own: the run is part of the key, so one run's states never move another's.
 -- Arrays travel in binary (%b): text arrays of JSON cost more to quote than the insert itself.
+-- `attempts`, the run's attempts history, is merged per attempt in this same statement by
+-- tg_merge_attempts (migration 0009), so an older report still lands in its own attempt's
+-- entry (monotone there too) while the row's state columns stay at the newest attempt.
 INSERT INTO tasks AS t (
-    task_id, client, key, submitted_on, submitted_at, pool, task_class, spec, priority, labels,
-    max_attempts, state, state_rank, attempt, executor, exit_code, reason, log_tail,
-    started_at, finished_at)
+    task_id, run, client, key, submitted_on, submitted_at, pool, task_class, spec, priority,
+    labels, max_attempts, state, state_rank, attempt, executor, exit_code, reason, log_tail,
+    started_at, finished_at, attempts)
 SELECT * FROM unnest(
-    %(task_id)b::text[], %(client)b::text[], %(key)b::text[], %(submitted_on)b::date[],
+    %(task_id)b::text[], %(run)b::bigint[], %(client)b::text[], %(key)b::text[],
+    %(submitted_on)b::date[],
     %(submitted_at)b::timestamptz[], %(pool)b::text[], %(task_class)b::text[],
     %(spec)b::text[]::jsonb[], %(priority)b::integer[], %(labels)b::text[]::jsonb[],
     %(max_attempts)b::integer[], %(state)b::text[], %(state_rank)b::smallint[],
     %(attempt)b::integer[], %(executor)b::text[], %(exit_code)b::integer[], %(reason)b::text[],
-    %(log_tail)b::text[], %(started_at)b::timestamptz[], %(finished_at)b::timestamptz[])
-ON CONFLICT (task_id, submitted_on) DO UPDATE SET
+    %(log_tail)b::text[], %(started_at)b::timestamptz[], %(finished_at)b::timestamptz[],
+    %(attempts)b::text[]::jsonb[])
+ON CONFLICT (task_id, run, submitted_on) DO UPDATE SET
     state = CASE WHEN (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
                  THEN excluded.state ELSE t.state END,
     state_rank = CASE WHEN (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
@@ -76,6 +80,7 @@ ON CONFLICT (task_id, submitted_on) DO UPDATE SET
     labels = coalesce(t.labels, excluded.labels),
     max_attempts = coalesce(t.max_attempts, excluded.max_attempts),
     started_at = greatest(t.started_at, excluded.started_at),
+    attempts = tg_merge_attempts(t.attempts, excluded.attempts, excluded.attempt::text),
     updated_at = now()
 WHERE (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
    OR (t.spec IS NULL AND excluded.spec IS NOT NULL)
@@ -83,14 +88,18 @@ WHERE (excluded.attempt, excluded.state_rank) > (t.attempt, t.state_rank)
    OR (t.task_class IS NULL AND excluded.task_class IS NOT NULL)
    OR (excluded.started_at IS NOT NULL
        AND (t.started_at IS NULL OR excluded.started_at > t.started_at))
-   OR (excluded.attempt = t.attempt AND t.executor IS NULL AND excluded.executor IS NOT NULL);
+   OR (excluded.attempt = t.attempt AND t.executor IS NULL AND excluded.executor IS NOT NULL)
+   -- Last, so it runs only when nothing above wrote: an earlier attempt's late report.
+   OR tg_merge_attempts(t.attempts, excluded.attempts, excluded.attempt::text) <> t.attempts;
 
 -- name: drop_partitions_before
 SELECT tg_drop_partitions_before(%(day)s::date) AS dropped;
 
 -- name: get_task
--- A key reused after the dedup window makes a second row on a later day: show the newest.
-SELECT * FROM task_records WHERE task_id = %(task_id)s ORDER BY submitted_at DESC LIMIT 1;
+-- A key reused after the dedup window (or retried) is a later run, a row of its own: the
+-- latest run. Rows from before runs (run 0) on several days: the newest.
+SELECT * FROM task_records WHERE task_id = %(task_id)s
+ORDER BY run DESC, submitted_at DESC LIMIT 1;
 
 -- name: list_tasks
 -- Four spellings instead of `(%s IS NULL OR col = %s)`, which defeats the indexes once the
@@ -118,11 +127,11 @@ GROUP BY state;
 -- name: add_client
 INSERT INTO clients (
     name, sensitive, callback_url, callback_nats, callback_secret, max_running,
-    max_submit_per_s, default_pool, paused, callback_batch_max)
+    max_submit_per_s, default_pool, paused, callback_batch_max, callback_held_max, buffer_max)
 VALUES (
     %(name)s, %(sensitive)s, %(callback_url)s, %(callback_nats)s, %(callback_secret)s,
     %(max_running)s, %(max_submit_per_s)s, %(default_pool)s, %(paused)s,
-    %(callback_batch_max)s)
+    %(callback_batch_max)s, %(callback_held_max)s, %(buffer_max)s)
 ON CONFLICT (name) DO NOTHING
 RETURNING *;
 
@@ -137,13 +146,25 @@ SELECT * FROM clients ORDER BY name;
 -- every other column from the current row, so one static statement serves any subset.
 UPDATE clients AS c SET
     (sensitive, callback_url, callback_nats, callback_secret, max_running, max_submit_per_s,
-     default_pool, paused, callback_batch_max) =
+     default_pool, paused, callback_batch_max, callback_held_max, buffer_max) =
     (SELECT p.sensitive, p.callback_url, p.callback_nats, p.callback_secret, p.max_running,
-            p.max_submit_per_s, p.default_pool, p.paused, p.callback_batch_max
+            p.max_submit_per_s, p.default_pool, p.paused, p.callback_batch_max,
+            p.callback_held_max, p.buffer_max
      FROM jsonb_populate_record(c, %(changes)s::jsonb) AS p),
     updated_at = now()
 WHERE c.name = %(name)s
 RETURNING c.*;
+
+-- name: rotate_client_secret
+-- The new secret signs from now on; the one it replaces signs beside it until the overlap
+-- ends, so a receiver that still verifies with the old one keeps accepting callbacks.
+UPDATE clients SET
+    callback_secret_previous = callback_secret,
+    callback_secret_previous_until = now() + make_interval(secs => %(overlap_s)s),
+    callback_secret = %(secret)s,
+    updated_at = now()
+WHERE name = %(name)s
+RETURNING *;
 
 -- name: client_health
 -- Per client: terminal failures in the last hour, callbacks waiting in the outbox and dead
@@ -178,5 +199,22 @@ ORDER BY submitted_at DESC, task_id DESC
 LIMIT %(limit)s;
 
 -- name: task_runs
-SELECT * FROM task_records WHERE task_id = %(task_id)s ORDER BY submitted_at DESC;
+SELECT * FROM task_records WHERE task_id = %(task_id)s ORDER BY run DESC, submitted_at DESC;
 
+
+-- name: task_spec
+-- What an operator's retry submits again: the spec of the task's latest run that has one (a
+-- rejected submission may have none).
+SELECT spec FROM tasks WHERE task_id = %(task_id)s AND spec IS NOT NULL
+ORDER BY run DESC, submitted_at DESC LIMIT 1;
+
+-- name: stranded_tasks
+-- The reconciler's candidates: unfinished tasks whose row has not moved since `before`, of
+-- clients with no message waiting in a queue (`busy`: theirs may still run), oldest first
+-- (the state index gives that order without sorting a backlog).
+SELECT task_id, run, client, key, pool, state, attempt, executor, submitted_at
+FROM tasks
+WHERE state IN ('queued', 'dispatched', 'running') AND updated_at < %(before)s
+  AND client <> ALL(%(busy)s::text[])
+ORDER BY submitted_at
+LIMIT %(limit)s;

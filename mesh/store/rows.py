@@ -9,7 +9,7 @@ had they been written one by one, in any order.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, TypedDict
@@ -17,6 +17,13 @@ from typing import Any, TypedDict
 import msgspec
 from msgspec import Struct
 
+from tidegate.store.attempts import (
+    Attempt,
+    AttemptRecord,
+    attempt_records,
+    encode_attempts,
+    merge_attempts,
+)
 from tidegate.store.flatten import FlatEvent, flatten
 from tidegate.wire import STATE_RANK, AnyEvent, Finished, Heartbeat, TaskSpec
 
@@ -40,6 +47,10 @@ class TaskRow:
     log_tail: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    run: int = 0  # the run (wire.Event.run): each run of a task id is a row of its own
+    # The run's attempts seen so far (store/attempts.py), in attempt order; left empty, this
+    # report's own attempt (from 1: queued and dispatched are attempt 0, no attempt yet).
+    attempts: tuple[Attempt, ...] = ()
     # The partition key: the UTC day of submission, the same for every event of a task.
     submitted_on: date = field(init=False)
 
@@ -56,6 +67,17 @@ class TaskRow:
             value = getattr(self, name)
             if value is not None and "\x00" in value:
                 object.__setattr__(self, name, value.replace("\x00", "\ufffd"))
+        if not self.attempts and self.attempt >= 1:
+            own = Attempt(
+                number=self.attempt,
+                state=self.state,
+                executor=self.executor,
+                started_at=self.started_at,
+                finished_at=self.finished_at,
+                exit_code=self.exit_code,
+                reason=self.reason,
+            )
+            object.__setattr__(self, "attempts", (own,))
 
     @property
     def state_rank(self) -> int:
@@ -88,6 +110,7 @@ def row_from_flat(flat: FlatEvent) -> TaskRow:
         log_tail=flat.log_tail,
         started_at=flat.started_at,
         finished_at=flat.finished_at,
+        run=flat.run,
     )
 
 
@@ -104,6 +127,7 @@ def rows_from_heartbeat(hb: Heartbeat) -> list[TaskRow]:
             pool=t.pool,
             executor=hb.executor,
             started_at=t.started_at,
+            run=t.run,
         )
         for t in hb.running
     ]
@@ -141,18 +165,20 @@ def merge(old: TaskRow, new: TaskRow) -> TaskRow:
         task_class=old.task_class if old.task_class is not None else new.task_class,
         spec=old.spec if old.spec is not None else new.spec,
         started_at=_greatest(old.started_at, new.started_at),
+        attempts=merge_attempts(old.attempts, new.attempts),
     )
 
 
 def coalesce(rows: Iterable[TaskRow]) -> list[TaskRow]:
-    """One row per (task_id, submitted_on), in order of first appearance.
+    """One row per (task_id, run, submitted_on), in order of first appearance: two runs of a
+    task id never merge.
 
     The state fields come from the greatest (attempt, state rank), the first seen on a tie;
     the spec side from whichever row carries it; started_at is the latest seen.
     """
-    out: dict[tuple[str, date], TaskRow] = {}
+    out: dict[tuple[str, int, date], TaskRow] = {}
     for row in rows:
-        k = (row.task_id, row.submitted_on)
+        k = (row.task_id, row.run, row.submitted_on)
         old = out.get(k)
         out[k] = row if old is None else merge(old, row)
     return list(out.values())
@@ -164,6 +190,7 @@ def columns(rows: Sequence[TaskRow]) -> dict[str, list[Any]]:
     specs = [r.spec for r in rows]
     return {
         "task_id": [r.task_id for r in rows],
+        "run": [r.run for r in rows],
         "client": [r.client for r in rows],
         "key": [r.key for r in rows],
         "submitted_on": [r.submitted_on for r in rows],
@@ -184,6 +211,7 @@ def columns(rows: Sequence[TaskRow]) -> dict[str, list[Any]]:
         "log_tail": [r.log_tail for r in rows],
         "started_at": [r.started_at for r in rows],
         "finished_at": [r.finished_at for r in rows],
+        "attempts": [encode_attempts(r.attempts) for r in rows],
     }
 
 
@@ -221,6 +249,42 @@ class TaskRecord(Struct, frozen=True, kw_only=True):
     labels: dict[str, str] | None
     priority: int | None
     max_attempts: int | None
+    # The run shown: the latest (a key submitted again after the dedup window, or retried,
+    # starts the task's next run); 0 for a task from before runs.
+    run: int = 0
+    # The run's attempts, newest first (store/attempts.py); filled by `task_record`.
+    attempts: list[AttemptRecord] = []
+
+
+def task_record(row: Mapping[str, Any]) -> TaskRecord:
+    """A `task_records` row as a record, its attempts history (`attempt_history`) decoded."""
+    record = msgspec.convert(row, TaskRecord)
+    history = attempt_records(row.get("attempt_history"), row)
+    return msgspec.structs.replace(record, attempts=history)
+
+
+class RunSummary(Struct, frozen=True, kw_only=True):
+    """One run of a task, as `task show` and the task page list the runs."""
+
+    run: int
+    submitted_at: datetime
+    state: str
+    attempt: int
+    finished_at: datetime | None
+    reason: str | None
+    attempts: list[AttemptRecord] = []  # newest first
+
+
+def run_summary(record: TaskRecord) -> RunSummary:
+    return RunSummary(
+        run=record.run,
+        submitted_at=record.submitted_at,
+        state=record.state,
+        attempt=record.attempt,
+        finished_at=record.finished_at,
+        reason=record.reason,
+        attempts=record.attempts,
+    )
 
 
 class ClientChanges(TypedDict, total=False):
@@ -235,6 +299,8 @@ class ClientChanges(TypedDict, total=False):
     default_pool: str
     paused: bool
     callback_batch_max: int
+    callback_held_max: int
+    buffer_max: int | None
 
 
 class ClientHealth(Struct, frozen=True, kw_only=True):

@@ -4,24 +4,29 @@ A narrow interface over a connection pool; every statement lives in `queries.sql
 `outbox.sql`. Connections run in autocommit so that a single statement is a single round trip
 and a single commit; multi-statement work opens an explicit transaction (`Store.transaction`).
 The query helpers (`execute`, `fetch_one`, `fetch_all`) are public so that the driver's other
-tables (the callback outbox) share this pool without reaching into it.
+tables (the callback outbox) share this pool without reaching into it. What a database error
+means (retry or give up) is in failures.py; statements on one connection in session.py.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, Unpack
 
 import msgspec
 import psycopg
-from psycopg.rows import TupleRow, dict_row
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from tidegate.errors import StoreError, UnknownClient, UsageError
+from tidegate.store.failures import RowRefused, failing, missing_partition, permanent, unwritable
+from tidegate.store.pace import PaceLane
 from tidegate.store.queries import Q
 from tidegate.store.rows import (
     ClientChanges,
@@ -31,90 +36,48 @@ from tidegate.store.rows import (
     TaskSearch,
     coalesce,
     columns,
+    task_record,
 )
-from tidegate.wire import STATE_RANK, ClientRecord
+from tidegate.store.session import Params, Row, Session
+from tidegate.wire import STATE_RANK, ClientRecord, TaskSpec
 
-__all__ = ["ClientChanges", "Params", "Row", "Session", "Store", "TaskRecord", "TaskRow"]
+__all__ = [
+    "ClientChanges",
+    "Params",
+    "Row",
+    "RowRefused",
+    "Session",
+    "Store",
+    "TaskRecord",
+    "TaskRow",
+    "permanent",
+    "unwritable",
+]
 
 log = logging.getLogger(__name__)
 
-# The clients table's CHECK constraints, in words an operator can act on.
-_CLIENT_CHECKS = {
-    "clients_name_valid": "a client name is 1-64 letters, digits, '_' or '-'",
-    "clients_default_pool_valid": "default_pool is 1-64 letters, digits, '_' or '-'",
-    "clients_one_callback": "give a callback URL or NATS callbacks, not both",
-    "clients_callback_url_http": "callback_url must start with http:// or https://",
-    "clients_max_running_positive": "max_running must be 0 or more",
-    "clients_max_submit_positive": "max_submit_per_s must be greater than 0",
-    "clients_callback_batch_max_valid": "callback_batch_max must be 1 to 1000",
-}
 _CLIENT_FIELDS = frozenset(ClientChanges.__optional_keys__ | ClientChanges.__required_keys__)
 
-Params = Mapping[str, Any]
-Row = dict[str, Any]
-
-
-@contextmanager
-def _failing(what: str | None) -> Iterator[None]:
-    """With `what`, a database error becomes a StoreError naming it; without, it propagates as
-    psycopg raised it, for a caller that tells transient errors from permanent ones."""
-    if what is None:
-        yield
-        return
-    try:
-        yield
-    except psycopg.errors.CheckViolation as exc:
-        hint = _CLIENT_CHECKS.get(exc.diag.constraint_name or "")
-        raise StoreError(f"{what}: {hint or exc}") from exc
-    except psycopg.Error as exc:
-        raise StoreError(f"{what} failed: {exc}") from exc
-
-
-def _missing_partition(exc: psycopg.errors.CheckViolation) -> bool:
-    return (exc.diag.message_primary or "").startswith("no partition of relation")
-
-
-class RowRefused(StoreError):
-    """The database refuses a row for what it holds; retrying cannot help."""
-
-
-def permanent(exc: BaseException) -> bool:
-    """Errors about the data (bad value, constraint, size limit), not about the database
-    being unreachable or not migrated yet: those are worth retrying until they pass."""
-    cause = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc
-    sqlstate = getattr(cause, "sqlstate", None) or ""
-    return sqlstate[:2] in {"22", "23", "54"}
-
-
-class Session:
-    """Statements on one connection: inside `Store.transaction`, or one at a time."""
-
-    def __init__(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
-        self._conn = conn
-
-    async def execute(self, query: str, params: Params | None = None) -> int:
-        """Run a statement; returns the rows it changed (or returned)."""
-        cur = await self._conn.execute(query, params)
-        return cur.rowcount
-
-    async def fetch_one(self, query: str, params: Params | None = None) -> Row | None:
-        cur = self._conn.cursor(row_factory=dict_row)
-        await cur.execute(query, params)
-        return await cur.fetchone()
-
-    async def fetch_all(
-        self, query: str, params: Params | None = None, *, prepare: bool | None = None
-    ) -> list[Row]:
-        cur = self._conn.cursor(row_factory=dict_row)
-        await cur.execute(query, params, prepare=prepare)
-        return await cur.fetchall()
+# How long a statement waits for a pooled connection before it fails (psycopg_pool's default
+# is 30 s). While the database is down every wait ends here: shorter than every keep-alive of a
+# component that holds JetStream messages meanwhile (projector, notifier: a third of their ack
+# waits, 10 s and more), so a retry loop comes round, logs and keeps its messages alive, and a
+# driver asked to stop is not held for half a minute.
+POOL_WAIT_S = 5.0
 
 
 class Store:
     """Everything Tidegate reads from and writes to PostgreSQL."""
 
     def __init__(
-        self, conninfo: str, *, min_size: int = 1, max_size: int = 4, name: str = "tidegate"
+        self,
+        conninfo: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 4,
+        name: str = "tidegate",
+        pool_wait_s: float = POOL_WAIT_S,
+        pace: PaceLane | None = None,
     ) -> None:
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
             conninfo,
@@ -122,20 +85,30 @@ class Store:
             max_size=max_size,
             open=False,
             name=name,
-            kwargs={"autocommit": True, "application_name": name},
-            configure=self._configure,
+            timeout=pool_wait_s,
+            kwargs={
+                "autocommit": True,
+                "application_name": name,
+                "options": session_options(conninfo),
+            },
         )
-        # Days whose partition this Store has created or seen committed: skip the call.
+        # Days whose partition this Store has created or seen committed: skip the call. Shared
+        # with the `paced` views of this Store (updated in place, never rebound).
         self._days: set[date] = set()
+        # Every connection checkout (one statement in autocommit, or one transaction) waits
+        # for a turn of this lane: one commit each, counted against the driver's commit cap.
+        self._pace = pace
 
-    @staticmethod
-    async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
-        # Times read back carry UTC whatever the server's zone, so the JSON shape is stable.
-        await conn.execute(Q.session_setup)
+    def paced(self, lane: PaceLane | None) -> Store:
+        """This Store (same pool, same partition cache) with every transaction taking a turn
+        of `lane`; None: unpaced. Close only the original."""
+        view = copy.copy(self)
+        view._pace = lane
+        return view
 
     async def open(self, *, wait: bool = True, timeout: float = 30.0) -> None:
         """Open the pool; with `wait`, fail unless `min_size` connections come up in time."""
-        with _failing("open the database pool"):
+        with failing("open the database pool"):
             await self._pool.open(wait=wait, timeout=timeout)
 
     async def close(self) -> None:
@@ -154,22 +127,42 @@ class Store:
         await self.close()
 
     # --- query helpers -----------------------------------------------------------------------
-    # `what` names the operation in a StoreError (see `_failing`). There is no way to splice a
+    # `what` names the operation in a StoreError (see `failing`). There is no way to splice a
     # value into the text: parameters always travel apart from the statement.
 
     @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        if self._pace is None:
+            yield
+        else:
+            async with self._pace.turn():
+                yield
+
+    @asynccontextmanager
     async def _session(self, what: str | None) -> AsyncIterator[Session]:
-        with _failing(what):
-            async with self._pool.connection() as conn:
+        with failing(what):
+            async with self._turn(), self._pool.connection() as conn:
                 yield Session(conn)
 
     @asynccontextmanager
     async def transaction(self, *, what: str | None = None) -> AsyncIterator[Session]:
         """One connection and one transaction: committed when the block ends, rolled back if
-        it raises."""
-        with _failing(what):
-            async with self._pool.connection() as conn, conn.transaction():
+        it raises.
+
+        The commit cap's turn is taken when the block ends, just before the commit: what the
+        database counts is the commit, and a transaction held open for seconds (the callback
+        retry job sends while it holds its claim) must not keep a place in the window all
+        along. A rolled-back transaction commits nothing and takes no turn.
+        """
+        with failing(what):
+            # Left in reverse: commit, then the connection back to the pool, then the turn.
+            async with (
+                AsyncExitStack() as turn,
+                self._pool.connection() as conn,
+                conn.transaction(),
+            ):
                 yield Session(conn)
+                await turn.enter_async_context(self._turn())
 
     async def execute(
         self, query: str, params: Params | None = None, *, what: str | None = None
@@ -210,7 +203,7 @@ class Store:
         # Duplicate keys would make ON CONFLICT fail the whole batch ("cannot affect row a
         # second time") on every retry, a poison batch: fold them even if the caller forgot.
         # Key order makes concurrent writers lock rows in one order, so they cannot deadlock.
-        batch = sorted(coalesce(rows), key=lambda r: (r.submitted_on, r.task_id))
+        batch = sorted(coalesce(rows), key=lambda r: (r.submitted_on, r.task_id, r.run))
         return await self._write(batch)
 
     async def upsert_task_one(self, row: TaskRow) -> int:
@@ -224,7 +217,7 @@ class Store:
         try:
             return await self._upsert(params, {r.submitted_on for r in batch})
         except psycopg.errors.CheckViolation as exc:
-            if not _missing_partition(exc):
+            if not missing_partition(exc):
                 raise
             # Another driver's retention dropped a day we had cached; ensure it afresh once.
             log.warning("a cached partition is gone, re-creating: %s", exc)
@@ -258,14 +251,14 @@ class Store:
         row = await self.fetch_one(
             Q.drop_partitions_before, {"day": day}, what="drop_partitions_before"
         )
-        self._days = {d for d in self._days if d >= day}
+        self._days.difference_update([d for d in self._days if d < day])
         return int(row["dropped"]) if row else 0
 
     # --- reading tasks -----------------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         row = await self.fetch_one(Q.get_task, {"task_id": task_id}, what="get_task")
-        return None if row is None else msgspec.convert(row, TaskRecord)
+        return None if row is None else task_record(row)
 
     async def search_tasks(self, search: TaskSearch) -> list[TaskRecord]:
         """One page of tasks, newest first, after `search.after` (keyset: no OFFSET)."""
@@ -282,12 +275,17 @@ class Store:
             "limit": search.limit,
         }
         rows = await self.fetch_all(Q.search_tasks, params, what="search_tasks", prepare=False)
-        return [msgspec.convert(r, TaskRecord) for r in rows]
+        return [task_record(r) for r in rows]
 
     async def task_runs(self, task_id: str) -> list[TaskRecord]:
-        """Every row of a task id, newest run first (a key reused after the dedup window)."""
+        """Every run of a task id, latest first (a key reused after the dedup window, a retry)."""
         rows = await self.fetch_all(Q.task_runs, {"task_id": task_id}, what="task_runs")
-        return [msgspec.convert(r, TaskRecord) for r in rows]
+        return [task_record(r) for r in rows]
+
+    async def task_spec(self, task_id: str) -> TaskSpec | None:
+        """The spec of the task's latest run that has one (what a retry submits again)."""
+        row = await self.fetch_one(Q.task_spec, {"task_id": task_id}, what="task_spec")
+        return None if row is None else msgspec.convert(row["spec"], TaskSpec)
 
     async def list_tasks(
         self, *, client: str | None = None, state: str | None = None, limit: int = 100
@@ -303,7 +301,7 @@ class Store:
             query = Q.list_tasks_by_client if state is None else Q.list_tasks_by_client_state
         params = {"client": client, "state": state, "limit": limit}
         rows = await self.fetch_all(query, params, what="list_tasks")
-        return [msgspec.convert(r, TaskRecord) for r in rows]
+        return [task_record(r) for r in rows]
 
     async def count_tasks_by_state(self, *, since: date | None = None) -> dict[str, int]:
         """Tasks per state (submitted on `since` or later, if given).
@@ -376,6 +374,28 @@ class Store:
         if row is None:
             raise UnknownClient(f"no client named {name!r}; add it with `tidegate client add`")
         return msgspec.convert(row, ClientRecord)
+
+    async def rotate_client_secret(self, name: str, secret: str, overlap_s: float) -> ClientRecord:
+        """`secret` signs from now on, the one it replaces also for `overlap_s` more."""
+        row = await self.fetch_one(
+            Q.rotate_client_secret,
+            {"name": name, "secret": secret, "overlap_s": overlap_s},
+            what=f"rotate the secret of client {name!r}",
+        )
+        if row is None:
+            raise UnknownClient(f"no client named {name!r}; add it with `tidegate client add`")
+        return msgspec.convert(row, ClientRecord)
+
+
+def session_options(conninfo: str) -> str:
+    """The connection's `options` with the session time zone set to UTC at connect time.
+
+    Times read back carry UTC whatever the server's zone, so the JSON shape is stable. Set in
+    the startup packet rather than by a `SET` on each new connection: a `SET` is a transaction
+    of its own, one the commit cap would have to count.
+    """
+    current = str(conninfo_to_dict(conninfo).get("options") or "")
+    return f"{current} -c TimeZone=UTC".strip()
 
 
 def _like_prefix(text: str) -> str:

@@ -27,8 +27,10 @@ def endpoints(
         pids["nats-server"] = servers.nats_pid()
     if servers.postgres is not None:
         pids["postgres"] = servers.postgres_pid()
+    restarts = servers.restarts()  # how often each died and was started again by `up`
     if children is not None:
         pids.update(children.pids())
+        restarts.update({c.name: c.restarts for c in children.children})
     return {
         "nats_url": servers.nats_url,
         "database_url": servers.database_url,
@@ -40,6 +42,11 @@ def endpoints(
         },
         "embedded": {"nats": servers.nats is not None, "postgres": servers.postgres is not None},
         "pids": pids,
+        "restarts": restarts,
+        # The commands beside this `up` accept the callback URLs its drivers will call.
+        "callback_allow_nets": (children.env if children else {}).get(
+            "TIDEGATE_CALLBACK_ALLOW_NETS", ""
+        ),
     }
 
 
@@ -53,6 +60,8 @@ def banner(
     operator: OperatorLogin | None = None,
 ) -> str:
     """What `up` prints once the console answers: the addresses and commands to try."""
+    allowed_nets = (children.env if children else {}).get("TIDEGATE_CALLBACK_ALLOW_NETS", "")
+    allowed_nets = allowed_nets or "no internal address"
     data_dir = servers.data_dir
     default_dir = Path("tidegate-data").resolve()
     hint = "" if data_dir == default_dir else f" --data-dir {data_dir}"
@@ -66,6 +75,8 @@ def banner(
         f"  operator login: {login_line(operator, hint)}\n"
         f"  components:     {names} (logs in {data_dir / 'logs'})\n"
         f"  metrics:        {metrics}\n"
+        f"  callbacks:      may go to {allowed_nets} (TIDEGATE_CALLBACK_ALLOW_NETS; a production "
+        "deployment allows no internal range by default)\n"
         f"  written to:     {endpoints_path}\n"
         f"Try:  tidegate{hint} submit --client {DEMO_CLIENT} -- echo hi\n"
         f"      tidegate{hint} tasks\n"

@@ -13,6 +13,7 @@ from typing import IO
 import nats
 
 from tidegate.bus.clients import publish_client
+from tidegate.bus.natsconn import servers
 from tidegate.bus.topology import ensure_all
 from tidegate.config import Settings
 from tidegate.endpoints import OperatorLogin, redact
@@ -72,7 +73,7 @@ async def prepare(nats_url: str, database_url: str, settings: Settings) -> Opera
         log.info("applied migrations: %s", ", ".join(applied))
     try:
         nc = await nats.connect(
-            nats_url, name="tidegate-up", connect_timeout=5, max_reconnect_attempts=3
+            servers(nats_url), name="tidegate-up", connect_timeout=5, max_reconnect_attempts=3
         )
     except Exception as exc:
         raise UpError(
@@ -88,7 +89,7 @@ async def prepare(nats_url: str, database_url: str, settings: Settings) -> Opera
             if record is None:
                 record = await store.add_client(ClientRecord(name=DEMO_CLIENT))
                 log.info("registered client %r", DEMO_CLIENT)
-            await publish_client(buckets.clients, record)
+            await publish_client(buckets.registry, record)
             return await first_login(store, settings.connection.data_dir.resolve())
     finally:
         await nc.drain()

@@ -12,6 +12,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+import nats
+
+from tidegate.bus.natsconn import servers
+from tidegate.bus.topology import ensure_all
 from tidegate.config import Settings
 from tidegate.embedded.servers import free_port
 from tidegate.endpoints import OperatorLogin, endpoints_path, write_endpoints
@@ -19,8 +23,9 @@ from tidegate.errors import ConfigError
 from tidegate.up.announce import banner, endpoints
 from tidegate.up.demo import demo_loop
 from tidegate.up.prepare import check_port_free, prepare, take_lock
-from tidegate.up.servers import Servers
+from tidegate.up.servers import ServerGaveUp, Servers
 from tidegate.up.supervisor import Children, stop_stale_children
+from tidegate.urlpolicy import LOCAL_CALLBACK_NETS
 
 log = logging.getLogger("tidegate.up")
 
@@ -158,6 +163,8 @@ class Up:
             TIDEGATE_DATA_DIR=str(self.data_dir),
             PYTHONUNBUFFERED="1",  # their logs should reach logs/*.log as they happen
         )
+        # A machine of one's own: the demo client's receiver is on loopback (announced).
+        env.setdefault("TIDEGATE_CALLBACK_ALLOW_NETS", LOCAL_CALLBACK_NETS)
         children = Children(self.data_dir, env)
         # Each component its own /metrics port, fixed for the run so a restart keeps it.
         self.metrics_ports["driver"] = free_port()
@@ -202,18 +209,33 @@ class Up:
     async def _supervise(self) -> None:
         assert self.children is not None
         while not self.stopping.is_set():
-            died = self.servers.died()
-            if died is not None:
-                # The signal that stops us may be the one that stopped the server: look again.
-                await asyncio.sleep(0.5)
-                if self.stopping.is_set():
-                    return
-                log.error("%s; stopping everything (run `tidegate up` again)", died)
+            try:
+                back = await self.servers.heal()
+            except ServerGaveUp as exc:
+                log.error("%s; stopping everything", exc)
                 self.exit_code = 1
                 return
+            if "nats-server" in back:
+                await self._restore_topology()
+            if back:
+                self._write_endpoints()  # the servers' new pids
             self.children.supervise()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), POLL_S)
+
+    async def _restore_topology(self) -> None:
+        """After a nats-server restart: the in-memory buckets (heartbeats, leases, rates) died
+        with it; the streams and file buckets are back from disk."""
+        try:
+            nc = await nats.connect(
+                servers(self.servers.nats_url), name="tidegate-up", connect_timeout=5
+            )
+            try:
+                await ensure_all(nc.jetstream(), self.settings.limits)
+            finally:
+                await nc.close()
+        except Exception as exc:  # the components create what they miss on their next start
+            log.error("could not restore the JetStream topology after the restart: %s", exc)
 
     async def _stop_children(self) -> None:
         if self.children is None:

@@ -107,7 +107,7 @@ class Children:
                     child.restarts,
                     delay,
                     self.log_path(child),
-                    _tail(self.log_path(child)),
+                    tail(self.log_path(child)),
                 )
                 child.proc = None
             if child.proc is None and now >= child.next_start:
@@ -142,7 +142,7 @@ class Children:
             (self.run_dir / f"{child.name}.pid").unlink(missing_ok=True)
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path, lines: int = 15) -> str:
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)

@@ -13,6 +13,7 @@ from harness import MODE_KEYS
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Path) -> None:
     argv = [
         sys.executable,
@@ -28,16 +29,30 @@ def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Pa
         "1",
         "--persist",
         "both",
+        "--sensitive-share",
+        "0.34",
+        "--timeout",
+        "150",
         "--json",
         "--work-dir",
-        str(tmp_path),
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEGATE_")}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=280)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout)
 
-    assert set(report) == {"benchmark", "config", "modes", "commit_ratio", "ok"}
+    assert set(report) == {
+        "benchmark",
+        "config",
+        "modes",
+        "commit_ratio",
+        "ok",
+        "ceilings",
+        "machine",
+    }
     assert report["benchmark"] == "flood" and report["ok"] is True
     assert report["config"] == {
         "tasks": 300,
@@ -46,8 +61,13 @@ def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Pa
         "slots": 16,
         "persist": ["batch", "per-event"],
         "command": ["/bin/true"],
-        "timeout_s": 63.0,
+        "timeout_s": 150.0,
+        "sensitive_share": 0.34,
+        "callback_latency_ms": 0.0,
     }
+    raw = report["ceilings"]
+    assert raw["error"] is None and raw["tasks"] == 300 and raw["in_flight"] == 16
+    assert raw["spawn_s"] > 0 and raw["publish_s"] > 0
     modes = report["modes"]
     assert list(modes) == ["batch", "per-event"]
     for name, m in modes.items():
@@ -58,7 +78,20 @@ def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Pa
         assert m["terminal_s"] > 0 and m["submit_s"] > 0
         # Every task is written at least once (inserted), at most once per state event.
         assert 300 <= m["rows_written"] <= 300 * 4
-        assert m["commits"] > 0 and m["poller_commits"] > 0
+        # The completion poller reads in rolled-back transactions: nothing of its own to subtract.
+        assert m["commits"] > 0 and m["poller_commits"] == 0
+        assert m["terminal_x_spawn"] > 0 and m["submit_x_publish"] > 0
+        # One client of three is sensitive: its 100 tasks are called back 3 times, the rest once.
+        assert m["sensitive_clients"] == 1 and m["sensitive_tasks"] == 100
+        assert m["callbacks_expected"] == 100 * 3 + 200
+        assert m["callbacks_by_state"] == {"dispatched": 100, "running": 100, "succeeded": 300}
+        assert m["callbacks_received"] >= m["callbacks_expected"] and m["callbacks_s"] > 0
+        assert m["callbacks_out_of_order"] == 0
+        assert set(m["callback_latency_ms"]) == {"sensitive", "non-sensitive"}
+        assert m["db_lag_ms"]["n"] == 200
+        assert {"driver", "executor0", "nats-server", "postgres", "bench"} <= set(m["usage"])
+        assert m["usage"]["driver"]["peak_rss_mb"] > 0 and m["usage"]["driver"]["cpu_s"] > 0
+        assert m["timeline"] and m["timeline"][-1][0] > 0  # (t, accepted, …) rows
 
     # The design's property, not a timing target: coalesced batches commit far less often
     # than one transaction per state change (which needs at least one per task).
@@ -67,5 +100,6 @@ def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Pa
     assert report["commit_ratio"] == pytest.approx(
         modes["per-event"]["commits"] / modes["batch"]["commits"], rel=0.01
     )
-    # A successful run cleans up after itself.
-    assert list(tmp_path.iterdir()) == []
+    # A successful run cleans up after itself, and leaves its results.
+    assert list((tmp_path / "work").iterdir()) == []
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"flood.json", "flood.md"}

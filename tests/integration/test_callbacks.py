@@ -12,9 +12,11 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+from harness import LOOPBACK
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from receiver import Receiver, refused_url
+from standardwebhooks import Webhook
 
 from tidegate import names
 from tidegate.driver.callbacks.payload import Callback, callback_from_event, encode_batch
@@ -71,7 +73,7 @@ def make_callbacks(client: str, n: int, start: int = 0) -> list[Callback]:
 @pytest.fixture
 async def transports() -> AsyncIterator[Transports]:
     # HTTP only: the NATS connection is never touched.
-    t = Transports(NATS(), timeout_s=2.0)
+    t = Transports(NATS(), timeout_s=2.0, allowed_nets=LOOPBACK)
     yield t
     await t.close()
 
@@ -93,11 +95,13 @@ def test_terminal_callback_has_the_contract_fields() -> None:
         log_tail="oops\n",
         started_at=T0,
         finished_at=T0 + timedelta(seconds=5),
+        run=7,
     )
     cb = callback_from_event(event)
     data = json.loads(encode_batch([cb], batch=False))
     assert CONTRACT | {"exit_code", "reason", "log_tail"} <= data.keys()
-    assert data["event_id"] == event.event_id == "c1:k/2/failed"
+    assert data["event_id"] == event.event_id == "c1:k@7/2/failed"
+    assert data["run"] == 7
     assert (data["task_id"], data["client"], data["key"]) == ("c1:k", "c1", "k")
     assert (data["state"], data["attempt"], data["exit_code"]) == ("failed", 2, 3)
     assert (data["reason"], data["log_tail"]) == ("exit status 3", "oops\n")
@@ -106,7 +110,7 @@ def test_terminal_callback_has_the_contract_fields() -> None:
 
 def test_running_and_earlier_callbacks_have_the_contract_fields() -> None:
     common: dict[str, Any] = dict(
-        task_id="c1:k", client="c1", key="k", attempt=1, at=T0, submitted_at=T0
+        task_id="c1:k", client="c1", key="k", attempt=1, at=T0, submitted_at=T0, run=12
     )
     spec = TaskSpec(key="k", argv=["/bin/true"])
     events: list[Any] = [
@@ -118,7 +122,7 @@ def test_running_and_earlier_callbacks_have_the_contract_fields() -> None:
         data = json.loads(encode_batch([callback_from_event(event)], batch=False))
         assert data.keys() >= CONTRACT
         assert data["state"] == event.state
-        assert data["event_id"] == f"c1:k/1/{event.state}"
+        assert data["event_id"] == f"c1:k@12/1/{event.state}"
         # Every field is always present, null when the state does not carry it.
         assert data["exit_code"] is None and data["log_tail"] is None
     running = callback_from_event(events[2])
@@ -162,6 +166,10 @@ async def test_http_delivery_is_signed_and_verifies_on_the_receiver(
             assert hit.headers[EVENT_ID_HEADER.lower()] == cb.event_id
             signature = hit.headers[SIGNATURE_HEADER.lower()]
             assert verify("s3cret", hit.body, signature)
+            # Standard Webhooks, as the scheme's own library checks it (a free-form secret
+            # signs with its bytes).
+            Webhook(b"s3cret").verify(hit.body, dict(hit.headers), json_parse=False)
+            assert hit.headers["webhook-id"] == cb.event_id
             tampered = hit.body.replace(b'"attempt":1', b'"attempt":2', 1)
             assert tampered != hit.body
             assert not verify("s3cret", tampered, signature)
@@ -221,7 +229,7 @@ async def test_failure_mid_send_says_how_many_were_delivered(transports: Transpo
 
 
 async def test_http_timeout_fails_in_time() -> None:
-    t = Transports(NATS(), timeout_s=0.5)
+    t = Transports(NATS(), timeout_s=0.5, allowed_nets=LOOPBACK)
     try:
         async with Receiver(lambda path, body: None) as rx:
             start = time.monotonic()
@@ -255,7 +263,7 @@ async def test_nats_request_reply_delivers(nats_url: str) -> None:
         await msg.respond(b"ok")
 
     await nc.subscribe(names.callback_subject("c1"), cb=answer)
-    t = Transports(nc, timeout_s=2.0)
+    t = Transports(nc, timeout_s=2.0, allowed_nets=LOOPBACK)
     try:
         cbs = make_callbacks("c1", 4)
         await t.send(Client(name="c1", callback_nats=True), cbs)
@@ -271,7 +279,7 @@ async def test_nats_request_reply_delivers(nats_url: str) -> None:
 
 async def test_nats_without_responders_fails(nats_url: str) -> None:
     nc = await nats.connect(nats_url)
-    t = Transports(nc, timeout_s=2.0)
+    t = Transports(nc, timeout_s=2.0, allowed_nets=LOOPBACK)
     try:
         start = time.monotonic()
         with pytest.raises(CallbackFailed) as info:
@@ -291,10 +299,35 @@ async def test_nats_silent_responder_times_out(nats_url: str) -> None:
         pass
 
     await nc.subscribe(names.callback_subject("c1"), cb=ignore)
-    t = Transports(nc, timeout_s=0.3)
+    t = Transports(nc, timeout_s=0.3, allowed_nets=LOOPBACK)
     try:
         with pytest.raises(CallbackFailed, match=r"^timeout after 0\.3s on tg\.callback\.c1$"):
             await t.send(Client(name="c1", callback_nats=True), make_callbacks("c1", 1))
     finally:
         await t.close()
         await nc.close()
+
+
+class _Stop(TidegateError):
+    pass
+
+
+async def test_a_check_that_fails_at_the_socket_write_stops_the_request_unsent(
+    transports: Transports,
+) -> None:
+    """The notifier's lease check runs again at the last moment, at the socket write: a
+    driver frozen between its first check and the write sends nothing once it thaws."""
+    calls = 0
+
+    def lease_check() -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # passed before the request, gone by the time of the write
+            raise _Stop("lease lost")
+
+    async with Receiver() as rx:
+        client = Client(name="c1", callback_url=rx.url(), callback_secret="s")
+        with pytest.raises(_Stop):
+            await transports.send(client, make_callbacks("c1", 2), before_each=lease_check)
+        assert calls >= 2
+        assert rx.hits == []

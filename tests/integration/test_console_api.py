@@ -30,7 +30,7 @@ from tidegate.store import tokens
 from tidegate.store.rows import TaskRow
 from tidegate.store.store import Store
 from tidegate.store.tokens import TokenScope
-from tidegate.wire import TaskSpec
+from tidegate.wire import TaskSpec, decode_cancel
 
 Client = AsyncTestClient[Any]
 Conn = psycopg.AsyncConnection[Any]
@@ -268,6 +268,7 @@ async def test_a_client_token_touches_its_own_tasks_and_nothing_else(
         ("GET", "/api/v1/task", {"id": "beta:nosuch"}),  # 403 either way: existence not told
         ("GET", "/api/v1/tasks", {"client": "beta"}),
         ("POST", "/api/v1/tasks/cancel", {"id": "beta:b1"}),
+        ("POST", "/api/v1/tasks/retry", {"id": "beta:b1"}),
         ("POST", "/api/v1/executors/cordon", {"id": "exec-0"}),
         ("POST", "/api/v1/callbacks/outbox/retry", {}),
         *[("GET", path, {}) for path in OPERATOR_READS],
@@ -283,10 +284,11 @@ async def test_a_client_token_touches_its_own_tasks_and_nothing_else(
     nc = await nats.connect(nats_url)
     try:
         kv = await nc.jetstream().key_value(names.CANCEL_BUCKET)
-        requested = sorted([(await kv.get(k)).value or b"" for k in await kv.keys()])
+        requested = [decode_cancel((await kv.get(k)).value or b"") for k in await kv.keys()]
     finally:
         await nc.close()
-    assert requested == [b"alpha:a1"]  # the bulk cancel was only counted, not confirmed
+    # The bulk cancel was only counted, not confirmed.
+    assert [r.task_id for r in requested] == ["alpha:a1"]
 
 
 async def test_a_viewer_token_reads_and_changes_nothing(api: Client, store: Store) -> None:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from harness import LOOPBACK
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.middleware import ASGIMiddleware
@@ -52,7 +53,7 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 
 @pytest.fixture
 async def transports() -> AsyncIterator[Transports]:
-    t = Transports(NATS(), timeout_s=2.0)
+    t = Transports(NATS(), timeout_s=2.0, allowed_nets=LOOPBACK)
     yield t
     await t.close()
 

@@ -3,6 +3,7 @@ NATS and PostgreSQL through Litestar's test client with a real login."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import re
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import pytest
 from litestar import Litestar
@@ -23,7 +25,7 @@ from tidegate.config import Connection, Limits, Settings
 from tidegate.console.app import create_app
 from tidegate.store.rows import TaskRow
 from tidegate.store.store import Store
-from tidegate.wire import TaskSpec
+from tidegate.wire import TaskSpec, decode_cancel
 
 Client = AsyncTestClient[Any]
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -251,11 +253,56 @@ async def test_bulk_cancel_shows_the_count_then_sends_one_request_per_task(
     nc = await nats.connect(nats_url)
     try:
         kv = await nc.jetstream().key_value(names.CANCEL_BUCKET)
-        requested = sorted((e.value or b"").decode() for e in await _entries(kv))
+        requested = sorted(
+            (c.task_id, c.run) for c in (decode_cancel(e.value or b"") for e in await _entries(kv))
+        )
     finally:
         await nc.close()
-    assert requested == ["delta:k0000", "delta:k0001", "delta:k0002"]
+    # Each request names the run it cancels, so a later run of the same key is not cancelled.
+    assert requested == [("delta:k0000", 0), ("delta:k0001", 0), ("delta:k0002", 0)]
 
 
 async def _entries(kv: Any) -> list[Any]:
     return [await kv.get(key) for key in await kv.keys()]
+
+
+async def test_the_task_page_shows_the_latest_run_and_retry_starts_the_next(
+    operator: Client, store: Store, nats_url: str
+) -> None:
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    (first,) = _rows("gamma", 1, start, state="failed")
+    (second,) = _rows("gamma", 1, start + timedelta(minutes=1), state="succeeded")
+    await store.upsert_tasks(
+        [dataclasses.replace(first, run=5), dataclasses.replace(second, run=9)]
+    )
+    page = await operator.get("/task", params={"id": "gamma:k0000"})
+    assert page.status_code == 200, page.text
+    state = page.text.split('id="task-state"')[1].split("</table>")[0]
+    assert "run 2 of 2" in state and "(id 9)" in state and "succeeded" in state
+    earlier = page.text.split('id="task-runs"')[1].split("</table>")[0]
+    assert "(id 5)" in earlier and "failed" in earlier and "(id 9)" not in earlier
+    assert 'name="retry"' in page.text and 'name="cancel"' not in page.text
+    # By filter: the two runs are one task, asked about once.
+    asked = await operator.post("/tasks/retry", data={"client": "gamma"}, headers=csrf(operator))
+    assert asked.status_code == 200 and "Retry 1 finished task?" in asked.text
+
+    retried = await operator.post(
+        "/task/retry", params={"id": "gamma:k0000"}, headers=csrf(operator)
+    )
+    assert retried.status_code == 200 and "retry submitted as its next run" in retried.text
+    nc = await nats.connect(nats_url)
+    try:
+        last = await nc.jetstream().get_last_msg(names.TASKS_STREAM, "tg.submit.gamma")
+    finally:
+        await nc.close()
+    # The spec again, under an id that the submission dedup has not seen: the next run.
+    assert (last.headers or {})["Nats-Msg-Id"].startswith("gamma:k0000#retry-")
+    assert TaskSpec(key="k0000", argv=["true"]) == msgspec.json.decode(last.data, type=TaskSpec)
+    assert f"({last.seq})" in retried.text
+
+    (running,) = _rows("gamma", 1, start, state="running")
+    await store.upsert_tasks([dataclasses.replace(running, task_id="gamma:busy", key="busy")])
+    refused = await operator.post(
+        "/task/retry", params={"id": "gamma:busy"}, headers=csrf(operator)
+    )
+    assert refused.status_code == 409 and "cancel it first" in refused.text

@@ -13,6 +13,7 @@ import psycopg
 from harness import Cluster, cli, wait_for
 
 from tidegate import names
+from tidegate.bus.deadletters import MessageDeadLetter, list_dead
 from tidegate.client import TidegateClient
 from tidegate.wire import Succeeded, TaskSpec, encode, now
 
@@ -165,7 +166,7 @@ async def test_rows_the_database_cannot_take_do_not_stop_projection(
     js = nc.jetstream()
     try:
         # A malformed body whose dedup header holds a key no row could index (4,000 bytes):
-        # rejected under a stand-in key instead.
+        # no key can be read, so no state either: a dead letter of delta's.
         huge = secrets.token_urlsafe(3000)  # random: PostgreSQL cannot compress it to fit
         await js.publish(
             names.submit_subject("delta"),
@@ -192,5 +193,14 @@ async def test_rows_the_database_cannot_take_do_not_stop_projection(
     cur = await db.execute(
         "SELECT key, reason FROM tasks WHERE client = 'delta' AND state = 'rejected'"
     )
-    rows = await cur.fetchall()
-    assert len(rows) == 1 and rows[0][0].startswith("_unkeyed-") and "malformed" in rows[0][1]
+    assert await cur.fetchall() == []
+    nc = await nats.connect(cluster.nats_url)
+    try:
+
+        async def set_aside() -> list[MessageDeadLetter]:
+            return await list_dead(nc.jetstream(), stage="submit", client="delta")
+
+        (dead,) = await wait_for(set_aside, timeout=30, what="the unkeyed submission set aside")
+    finally:
+        await nc.close()
+    assert dead.payload == b"{oops" and "no task key" in dead.reason

@@ -25,7 +25,7 @@ from litestar.testing import AsyncTestClient
 from nats.aio.client import Client as NATS
 
 from tidegate import names
-from tidegate.bus.clients import publish_client
+from tidegate.bus.clients import RegistryBuckets, publish_client
 from tidegate.bus.natsconn import connect
 from tidegate.bus.topology import ensure_all
 from tidegate.client import TidegateClient
@@ -145,7 +145,7 @@ async def test_figures_follow_a_real_cluster(cluster: Cluster, engine_db: str) -
         assert seen.drivers == 1
 
         record = await store.update_client("sleepy", paused=False)
-        await publish_client(await js.key_value(names.CLIENTS_BUCKET), record)
+        await publish_client(await RegistryBuckets.of(js), record)
 
         async def history_shows_the_flow() -> Overview | None:
             o = await collect(store, js, history)

@@ -72,6 +72,7 @@ def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:
         "tidegate/templates/static/console.css",
         "tidegate/store/queries.sql",
         "tidegate/py.typed",
+        "tidegate/alerts/tidegate.rules.yml",
     ):
         assert expected in names, expected
 

@@ -13,6 +13,7 @@ from datetime import UTC
 
 import pytest
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from harness import LOOPBACK
 from nats.aio.client import Client as NATS
 from receiver import Receiver, refused_url
 from test_callbacks import Client, make_callbacks
@@ -37,7 +38,7 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 
 @pytest.fixture
 async def transports() -> AsyncIterator[Transports]:
-    t = Transports(NATS(), timeout_s=2.0)
+    t = Transports(NATS(), timeout_s=2.0, allowed_nets=LOOPBACK)
     yield t
     await t.close()
 
@@ -229,7 +230,10 @@ async def test_two_drivers_deliver_each_callback_once_and_in_order(database_url:
             )
             for i in range(4)
         }
-        drivers = [(Outbox(s, FAST), Transports(NATS(), timeout_s=2.0)) for s in (s1, s2)]
+        drivers = [
+            (Outbox(s, FAST), Transports(NATS(), timeout_s=2.0, allowed_nets=LOOPBACK))
+            for s in (s1, s2)
+        ]
         sent = {name: make_callbacks(name, 30) for name in clients}
         for cbs in sent.values():
             await drivers[0][0].enqueue(cbs, "HTTP 500 from the first try")
@@ -257,7 +261,7 @@ async def test_two_drivers_deliver_each_callback_once_and_in_order(database_url:
 
 async def test_a_down_client_does_not_delay_a_healthy_one(store: Store) -> None:
     outbox = Outbox(store, FAST)
-    transports = Transports(NATS(), timeout_s=3.0)
+    transports = Transports(NATS(), timeout_s=3.0, allowed_nets=LOOPBACK)
     async with (
         Receiver(lambda path, body: None) as hanging,
         Receiver(lambda path, body: 200) as healthy,

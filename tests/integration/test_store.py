@@ -179,7 +179,8 @@ async def test_stale_attempt_terminal_does_not_overwrite(store: Store) -> None:
             finished_at=DAY1 + timedelta(minutes=1),
         )
     )
-    assert written == 0  # nothing moved forward: no write at all
+    # Written to attempt 1's entry of the attempts history only (migration 0009).
+    assert written == 1
     rec = await store.get_task("c:t")
     assert rec is not None
     assert (rec.state, rec.attempt, rec.executor, rec.exit_code, rec.reason) == (
@@ -190,6 +191,10 @@ async def test_stale_attempt_terminal_does_not_overwrite(store: Store) -> None:
         None,
     )
     assert rec.started_at == t2 and rec.finished_at is None
+    assert [(a.attempt, a.state, a.exit_code) for a in rec.attempts] == [
+        (2, "running", None),
+        (1, "failed", 9),
+    ]
 
 
 async def test_spec_arriving_after_running_fills_in(store: Store) -> None:
@@ -401,6 +406,8 @@ async def test_task_record_shape(store: Store) -> None:
         "labels",
         "priority",
         "max_attempts",
+        "run",
+        "attempts",
     ]
     assert shape["task_id"] == "c1:a" and shape["key"] == "a" and shape["client"] == "c1"
     assert shape["duration_s"] == 2.5 and shape["exit_code"] == 0 and shape["shell"] is None

@@ -18,9 +18,9 @@ from tidegate.console.api_auth import (
     own_client,
 )
 from tidegate.console.api_errors import ApiError, status_of
-from tidegate.console.api_tasks import SubmitOperation
 from tidegate.console.auth import ClientCaller, Operator
 from tidegate.console.security import TokenRefused
+from tidegate.console.submitter import SubmitOperation
 from tidegate.errors import InvalidTask, StoreError, SubmitError, TaskNotFound, UnknownClient
 from tidegate.store.tokens import ApiToken, generate_token, token_hash
 

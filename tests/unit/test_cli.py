@@ -113,7 +113,14 @@ def test_bad_usage_exits_2_with_the_reason(capsys: pytest.CaptureFixture[str]) -
 def test_every_error_class_derives_from_the_root_and_carries_its_exit_code() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
     assert all(issubclass(c, errors.TidegateError) for c in classes)
-    bad_input = {errors.ConfigError, errors.UsageError, errors.InvalidTask, errors.UnknownClient}
+    bad_input = {
+        errors.ConfigError,
+        errors.UsageError,
+        errors.InvalidTask,
+        errors.UnknownClient,
+        errors.DeadLetterNotFound,
+        errors.ApiRefused,
+    }
     for cls in classes:
         assert cls.exit_code == (2 if cls in bad_input or cls is errors.BadInput else 1), cls
     assert errors.MissingExtra.exit_code == 1  # an installation problem, not bad input

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import jinja2
 import pytest
 
-from tidegate.console import audit, callbacks
+from tidegate.console import audit
+from tidegate.console import callback_forms as forms
 from tidegate.console.app import templates_dir
 from tidegate.store.callbacks import Scope
 from tidegate.store.operators import AuditEntry
@@ -22,9 +23,9 @@ def env() -> jinja2.Environment:
 
 
 def test_page_query_names_the_bad_field() -> None:
-    q = callbacks.parse_query({"client": " a-1 ", "after": "40", "dead_before": "7"})
-    assert q == callbacks.PageQuery(client="a-1", after=40, dead_before=7)
-    assert callbacks.parse_query({"client": "", "after": ""}) == callbacks.PageQuery()
+    q = forms.parse_query({"client": " a-1 ", "after": "40", "dead_before": "7"})
+    assert q == forms.PageQuery(client="a-1", after=40, dead_before=7)
+    assert forms.parse_query({"client": "", "after": ""}) == forms.PageQuery()
     for raw, field in [
         ({"client": "a b"}, "client:"),
         ({"client": "x" * 65}, "client:"),
@@ -33,22 +34,22 @@ def test_page_query_names_the_bad_field() -> None:
         ({"after": "9" * 30}, "after:"),
         ({"dead_before": "0"}, "dead_before:"),
     ]:
-        with pytest.raises(callbacks.FormError, match=f"^{field}"):
-            callbacks.parse_query(raw)
+        with pytest.raises(forms.FormError, match=f"^{field}"):
+            forms.parse_query(raw)
 
 
 def test_confirmation_carries_the_count_and_the_newest_id() -> None:
-    assert callbacks.parse_confirmation({"client": "a"}) is None  # asking, not confirming
-    assert callbacks.parse_confirmation({"confirm": "3", "upto": "91"}) == Scope(count=3, upto=91)
-    assert callbacks.parse_confirmation({"confirm": "0"}) == Scope(count=0, upto=None)
-    with pytest.raises(callbacks.FormError, match=r"^upto:"):
-        callbacks.parse_confirmation({"confirm": "3"})
-    with pytest.raises(callbacks.FormError, match=r"^confirm:"):
-        callbacks.parse_confirmation({"confirm": "three", "upto": "9"})
+    assert forms.parse_confirmation({"client": "a"}) is None  # asking, not confirming
+    assert forms.parse_confirmation({"confirm": "3", "upto": "91"}) == Scope(count=3, upto=91)
+    assert forms.parse_confirmation({"confirm": "0"}) == Scope(count=0, upto=None)
+    with pytest.raises(forms.FormError, match=r"^upto:"):
+        forms.parse_confirmation({"confirm": "3"})
+    with pytest.raises(forms.FormError, match=r"^confirm:"):
+        forms.parse_confirmation({"confirm": "three", "upto": "9"})
 
 
 def test_span_reads_like_an_operator_would_say_it() -> None:
-    assert [callbacks.span(s) for s in (0, 4.4, 89, 600, 5400, 9000, 3 * 86400)] == [
+    assert [forms.span(s) for s in (0, 4.4, 89, 600, 5400, 9000, 3 * 86400)] == [
         "0 s",
         "4 s",
         "89 s",
@@ -57,7 +58,7 @@ def test_span_reads_like_an_operator_would_say_it() -> None:
         "2.5 h",
         "3.0 d",
     ]
-    assert callbacks.span(-12) == "12 s"
+    assert forms.span(-12) == "12 s"
 
 
 def test_confirm_fragment_asks_with_the_count(env: jinja2.Environment) -> None:

@@ -8,12 +8,11 @@ from typing import Any
 import pytest
 from nats.js.api import ConsumerConfig, ConsumerInfo
 
-from tidegate.console.figures import (
+from tidegate.console.backlog import (
     ClientFigures,
     StageTotals,
     client_figures,
     pool_figures,
-    rates_and_charts,
     ready_by_client,
     running_by_client,
     stage_totals,
@@ -21,6 +20,7 @@ from tidegate.console.figures import (
     work_by_client,
     work_figures,
 )
+from tidegate.console.figures import rates_and_charts
 from tidegate.console.rates import (
     Increase,
     current_drivers,

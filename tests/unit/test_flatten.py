@@ -39,6 +39,7 @@ CONTRACT = [
     "log_tail",
     "started_at",
     "finished_at",
+    "run",
 ]
 
 
@@ -108,6 +109,7 @@ def test_row_and_callback_agree_with_the_flat_event(event: wire.AnyEvent | wire.
         "log_tail",
         "started_at",
         "finished_at",
+        "run",
     ]
     for name in shared:
         assert getattr(row, name) == getattr(callback, name) == getattr(flat, name), name
@@ -128,5 +130,5 @@ def test_callback_json_bytes_are_pinned() -> None:
         b'{"event_id":"c1:k1/2/failed","task_id":"c1:k1","client":"c1","key":"k1",'
         b'"state":"failed","attempt":2,"at":"2026-11-28T00:00:03Z","executor":"e1",'
         b'"exit_code":3,"reason":"r","log_tail":"","started_at":null,'
-        b'"finished_at":"2026-11-28T00:00:03Z"}'
+        b'"finished_at":"2026-11-28T00:00:03Z","run":0}'
     )

@@ -62,3 +62,14 @@ def test_the_fence_forgets_the_oldest_tasks_beyond_its_limit() -> None:
     late_c = Failed(**{**base(1), "task_id": "c:c"}, finished_at=T0)
     assert not fence.stale(late_a)  # forgotten: bounded memory wins over a rare late report
     assert fence.stale(late_c)
+
+
+def test_the_fence_is_per_run() -> None:
+    """A later run of the task id starts again at attempt 1: it is not stale after the
+    earlier run's attempt 3, and the earlier run's late report stays stale."""
+    fence = LatestStates()
+    old_run = Succeeded(**base(3), finished_at=T0, run=10)
+    new_run = Running(**base(1), executor="e1", started_at=T0, run=25)
+    assert not fence.stale(old_run)
+    assert not fence.stale(new_run)
+    assert fence.stale(Failed(**base(2), finished_at=T0, exit_code=1, run=10))

@@ -1,4 +1,4 @@
-"""`mesh.route.decide`: the pure routing decision for one submission (no servers)."""
+"""`mesh/driver/decide.py`: the pure routing decision for one submission (no servers)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tidegate.config import DriverSettings, Limits
-from tidegate.driver.route import Decision, decide, task_class
+from tidegate.driver.decide import Decision, Unroutable, decide, task_class
 from tidegate.wire import ClientRecord, Queued, Rejected, TaskSpec, WorkItem
 
 STORED_AT = datetime(2026, 11, 27, 0, 0, 1, 500000, tzinfo=UTC)  # JetStream's timestamp
@@ -208,13 +208,31 @@ def test_msg_id_mismatch_is_rejected_and_says_which_id_to_use() -> None:
 def test_msg_id_of_another_client_is_a_mismatch() -> None:
     event = rejection(run(spec_body(), header="beta:k1"))
     assert "does not match" in event.reason
-    assert event.task_id == "alpha:_unkeyed-42"
+    assert event.task_id == "alpha:k1"  # the body's key: where the client will look
 
 
 @pytest.mark.parametrize("header", [None, "alpha:", "beta:wf-1", "wf-1"])
-def test_unusable_header_falls_back_to_the_stream_sequence(header: str | None) -> None:
-    event = rejection(run(b"{", header=header, seq=1234))
-    assert (event.task_id, event.key) == ("alpha:_unkeyed-1234", "_unkeyed-1234")
+def test_no_key_in_header_or_body_is_unroutable_not_rejected(header: str | None) -> None:
+    """No state can be filed under an id the client would look for: a dead letter of the
+    client's, never a rejection under a made-up id."""
+    for data in (b"{", b"[]", b'{"key": 5}', b'{"key": "has space"}', b"\xff"):
+        with pytest.raises(Unroutable) as caught:
+            run(data, header=header, seq=1234)
+        assert caught.value.client == "alpha" and "no task key" in str(caught.value)
+
+
+@pytest.mark.parametrize("header", [None, "alpha:", "wf-1"])
+def test_a_key_in_an_invalid_body_files_the_rejection(header: str | None) -> None:
+    event = rejection(run(b'{"key": "k9", "argv": 5}', header=header))
+    assert (event.task_id, event.key) == ("alpha:k9", "k9")
+    assert "invalid task" in event.reason
+
+
+@pytest.mark.parametrize("client", ["a.b", "", "a b", "x" * 65, "*", ">"])
+def test_a_subject_no_client_can_own_is_unroutable(client: str) -> None:
+    with pytest.raises(Unroutable) as caught:
+        run(spec_body(), client=client, header=None)
+    assert caught.value.client is None and "does not name a valid client" in str(caught.value)
 
 
 def test_a_key_may_contain_the_separator() -> None:
@@ -227,20 +245,26 @@ def test_rejection_times_are_the_jetstream_timestamp() -> None:
     assert event.at == event.submitted_at == event.finished_at == STORED_AT
 
 
-def test_decide_raises_for_nothing() -> None:
-    """Bad input never stops a driver: every odd case is a decision, not an exception."""
+def test_decide_raises_nothing_but_unroutable() -> None:
+    """Bad input never stops a driver: every odd case is a decision, or `Unroutable` (a dead
+    letter) when no task can be told."""
     odd = [b"", b"{", b"[]", b"null", spec_body(argv=None), spec_body(env={"1": "x"}), b"\xff"]
     for data in odd:
         for header in (None, "alpha:x", "zzz", ""):
             for client in ("alpha", "nobody", ""):
-                d = decide(
-                    f"tg.submit.{client}",
-                    data,
-                    header,
-                    7,
-                    STORED_AT,
-                    lookup=CLIENTS.get,
-                    settings=SETTINGS,
-                    limits=LIMITS,
-                )
+                try:
+                    d = decide(
+                        f"tg.submit.{client}",
+                        data,
+                        header,
+                        7,
+                        STORED_AT,
+                        lookup=CLIENTS.get,
+                        settings=SETTINGS,
+                        limits=LIMITS,
+                    )
+                except Unroutable as exc:
+                    assert not client or not (header or "").startswith(f"{client}:")
+                    assert exc.client == (client or None)
+                    continue
                 assert isinstance(d.event, Rejected)

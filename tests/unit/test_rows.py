@@ -179,3 +179,32 @@ def test_rows_from_heartbeat() -> None:
         T0,
         "default",
     )
+
+
+def test_two_runs_of_a_task_id_are_two_rows_never_merged() -> None:
+    """A key submitted again after the dedup window is the next run: its own row, even when
+    the first run is further along (a later attempt, a terminal state)."""
+    first_done = row("failed", attempt=3, run=10, exit_code=1, finished_at=T0)
+    second_queued = row("queued", attempt=0, run=25, spec=SPEC, pool="default")
+    second_running = row("running", attempt=1, run=25, executor="e2", started_at=T0)
+    for order in itertools.permutations([first_done, second_queued, second_running]):
+        out = {r.run: r for r in coalesce(order)}
+        assert set(out) == {10, 25}
+        assert (out[10].state, out[10].attempt, out[10].exit_code) == ("failed", 3, 1)
+        assert (out[25].state, out[25].attempt, out[25].spec) == ("running", 1, SPEC)
+
+
+def test_rows_carry_the_run_of_their_event_and_heartbeat() -> None:
+    event = wire.Succeeded(
+        task_id="c1:k1", client="c1", key="k1", attempt=1, at=T0, submitted_at=T0,
+        finished_at=T0, run=31,
+    )  # fmt: skip
+    assert row_from_event(event).run == 31
+    hb = wire.Heartbeat(
+        executor="e1", host="h", pid=1, pools=["default"], slots=1, load=0.0, at=T0,
+        running=[
+            wire.RunningTask(task_id="c1:k1", client="c1", key="k1", attempt=1,
+                             pool="default", started_at=T0, submitted_at=T0, run=31),
+        ],
+    )  # fmt: skip
+    assert [r.run for r in rows_from_heartbeat(hb)] == [31]

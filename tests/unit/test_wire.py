@@ -10,6 +10,7 @@ from typing import Any, get_args
 import msgspec
 import pytest
 
+from tidegate import names
 from tidegate.errors import InvalidTask
 from tidegate.wire import (
     FINISHED_BY_STATE,
@@ -19,6 +20,7 @@ from tidegate.wire import (
     TERMINAL_STATES,
     AnyEvent,
     Cancelled,
+    CancelRequest,
     Dispatched,
     Failed,
     Heartbeat,
@@ -31,7 +33,9 @@ from tidegate.wire import (
     Succeeded,
     TaskSpec,
     TimedOut,
+    WorkItem,
     check_spec,
+    decode_cancel,
     decode_event,
     decode_heartbeat,
     decode_spec,
@@ -359,9 +363,68 @@ def test_terminal_flag() -> None:
 
 
 def test_event_id_names_task_attempt_and_state() -> None:
+    # Run 0: an event from a component that predates runs keeps the id it always had.
     assert EVENTS["running"].event_id == "alpha:k1/2/running"
     for state, event in EVENTS.items():
         assert event.event_id == f"alpha:k1/2/{state}"
+
+
+def test_event_id_names_the_run_when_there_is_one() -> None:
+    for state, event in EVENTS.items():
+        later = msgspec.structs.replace(event, run=4711)
+        assert later.event_id == f"alpha:k1@4711/2/{state}"
+        assert later.event_id != event.event_id
+        assert decode_event(encode(later)).run == 4711
+    # Two runs of one task id never share an event id: their callbacks are told apart.
+    first = Dispatched(**BASE, pool="default", run=5)
+    second = Dispatched(**BASE, pool="default", run=9)
+    assert first.event_id != second.event_id
+
+
+def test_messages_without_a_run_still_decode_as_run_0() -> None:
+    """Rolling upgrades: an older component's event, work item and heartbeat have no run."""
+    old_event = json.loads(encode(EVENTS["failed"]))
+    del old_event["run"]
+    assert decode_event(json.dumps(old_event).encode()).run == 0
+    item = WorkItem(
+        task_id="alpha:k1",
+        client="alpha",
+        spec=SPEC,
+        pool="default",
+        task_class="short",
+        submitted_at=T0,
+    )
+    old_item = json.loads(encode(item))
+    del old_item["run"]
+    assert msgspec.json.decode(json.dumps(old_item).encode(), type=WorkItem).run == 0
+
+
+def test_run_msg_id_tells_runs_apart() -> None:
+    assert names.run_msg_id("alpha:k1", 17) == "alpha:k1@17"
+    assert names.run_msg_id("alpha:k1", 17) != names.run_msg_id("alpha:k1", 18)
+    assert names.run_msg_id("alpha:k1", 0) == "alpha:k1"  # a work item from before runs
+
+
+def test_a_retry_msg_id_belongs_to_its_task_only() -> None:
+    retry = names.retry_msg_id("alpha", "k1", "abc")
+    assert retry == "alpha:k1#retry-abc"
+    assert names.msg_id_matches(retry, "alpha", "k1")
+    assert names.msg_id_matches("alpha:k1", "alpha", "k1")
+    assert not names.msg_id_matches(retry, "alpha", "k2")
+    assert not names.msg_id_matches("alpha:k1#retry-", "alpha", "k1")
+    assert not names.msg_id_matches("beta:k1#retry-abc", "alpha", "k1")
+
+
+def test_a_cancel_request_reaches_only_its_run() -> None:
+    just_5 = CancelRequest(task_id="alpha:k1", run=5)
+    assert just_5.applies_to(5, T0) and not just_5.applies_to(9, T0)
+    so_far = CancelRequest(task_id="alpha:k1", at=T0)
+    assert so_far.applies_to(5, T0 - timedelta(seconds=1))
+    assert not so_far.applies_to(9, T0 + timedelta(seconds=1))  # submitted after the request
+    assert decode_cancel(encode(just_5)) == just_5
+    # A bare task id, as components before runs wrote it: every run.
+    legacy = decode_cancel(b"alpha:k1")
+    assert legacy.task_id == "alpha:k1" and legacy.applies_to(9, T0 + timedelta(days=1))
 
 
 def test_event_id_is_stable_across_time_and_redelivery() -> None:

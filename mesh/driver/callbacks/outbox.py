@@ -8,6 +8,7 @@ one transaction, which is what keeps any number of drivers from delivering out o
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -16,11 +17,38 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+import psycopg
 
 from tidegate.backoff import Backoff
 from tidegate.driver.callbacks.payload import Callback, decode_one, encode_one
+from tidegate.driver.callbacks.transport import clean_error
 from tidegate.store.queries import Q
-from tidegate.store.store import Session, Store
+from tidegate.store.store import Session, Store, permanent
+
+log = logging.getLogger(__name__)
+
+_ENQUEUE_SLICE = 1000
+
+
+def unstorable(exc: BaseException) -> bool:
+    """The data itself cannot be stored, so retrying the same write can never pass: a value
+    the database refuses (SQLSTATE class 22/23/54) or one psycopg refuses before sending (a
+    NUL in text: a DataError without SQLSTATE)."""
+    if permanent(exc):
+        return True
+    cause = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc
+    return isinstance(cause, psycopg.DataError)
+
+
+def _storable(callback: Callback) -> Callback:
+    """The callback as the outbox can keep it: PostgreSQL's jsonb refuses a NUL character
+    (`\\u0000`) in any string, which a task's log tail or reason may hold."""
+    changes = {
+        name: value.replace("\x00", "")
+        for name in ("reason", "log_tail", "executor")
+        if isinstance(value := getattr(callback, name), str) and "\x00" in value
+    }
+    return msgspec.structs.replace(callback, **changes) if changes else callback
 
 
 @dataclass(frozen=True)
@@ -88,10 +116,10 @@ class Claim:
         self.delivered.extend(r.id for r in rows)
 
     def fail(self, row: OutboxRow, error: str, delay_s: float) -> None:
-        self.failed = (row.id, delay_s, error)
+        self.failed = (row.id, delay_s, clean_error(error))
 
     def bury(self, row: OutboxRow, error: str | None, *, attempted: bool = False) -> None:
-        self.buried.append((row.id, error, int(attempted)))
+        self.buried.append((row.id, None if error is None else clean_error(error), int(attempted)))
 
 
 class Outbox:
@@ -103,10 +131,38 @@ class Outbox:
         self.policy = policy
         self.rng = random.Random()
 
-    async def enqueue(self, callbacks: Sequence[Callback], error: str) -> None:
-        """Outbox failed callbacks, in the order given (the order they will be retried in)."""
+    async def enqueue(self, callbacks: Sequence[Callback], error: str) -> list[Callback]:
+        """Outbox failed callbacks, in the order given (the order they will be retried in).
+
+        Returns the callbacks that can never be stored (see `unstorable`): with the list
+        refused as a whole, each is tried alone so that one bad callback costs only itself.
+        A database that cannot be reached raises, for the caller to retry.
+        """
         if not callbacks:
-            return
+            return []
+        if len(callbacks) > _ENQUEUE_SLICE:
+            # A slow client's spilled backlog: slices, in order (ids follow the inserts),
+            # each a short statement that leaves the event loop to the other clients between.
+            given_up: list[Callback] = []
+            for i in range(0, len(callbacks), _ENQUEUE_SLICE):
+                given_up += await self.enqueue(callbacks[i : i + _ENQUEUE_SLICE], error)
+            return given_up
+        try:
+            await self._enqueue(callbacks, error)
+            return []
+        except Exception as exc:
+            if not unstorable(exc) or len(callbacks) == 1:
+                if unstorable(exc):
+                    log.error("callback %s cannot be stored: %s", callbacks[0].event_id, exc)
+                    return list(callbacks)
+                raise
+        refused: list[Callback] = []
+        for callback in callbacks:  # in order: ids are handed out as they go in
+            refused += await self.enqueue([callback], error)
+        return refused
+
+    async def _enqueue(self, callbacks: Sequence[Callback], error: str) -> None:
+        callbacks = [_storable(c) for c in callbacks]
         params = {
             "event_id": [c.event_id for c in callbacks],
             "task_id": [c.task_id for c in callbacks],
@@ -114,7 +170,7 @@ class Outbox:
             "state": [c.state for c in callbacks],
             "payload": [encode_one(c).decode() for c in callbacks],
             "delay_s": self.policy.delay(1, self.rng),
-            "error": error,
+            "error": clean_error(error),
         }
         await self._store.execute(Q.outbox_enqueue, params)
 
@@ -147,32 +203,60 @@ class Outbox:
         Outcomes recorded on the `Claim` are written just before the commit; an exception
         rolls everything back, so a callback is at worst delivered again, never lost.
         """
+        failure: Exception | None = None
         async with self._store.transaction() as tx:
             locked = await tx.fetch_one(Q.outbox_lock_client, {"client": client})
             if not (locked and locked["locked"]):
                 yield None
                 return
             found = await tx.fetch_all(Q.outbox_claim_rows, {"client": client, "limit": limit})
-            rows = [
-                OutboxRow(
-                    id=r["id"],
-                    event_id=r["event_id"],
-                    attempts=r["attempts"],
-                    last_error=r["last_error"],
-                    due=r["due"],
-                    age_s=r["age_s"],
-                    callback=decode_one(r["payload"]),
+            claim = Claim(client, [])
+            for r in found:
+                try:
+                    callback = decode_one(r["payload"])
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    # Never sendable: dead-lettered at once, not retried on every pass.
+                    claim.buried.append((r["id"], clean_error(f"unreadable payload: {exc}"), 0))
+                    continue
+                claim.rows.append(
+                    OutboxRow(
+                        id=r["id"],
+                        event_id=r["event_id"],
+                        attempts=r["attempts"],
+                        last_error=r["last_error"],
+                        due=r["due"],
+                        age_s=r["age_s"],
+                        callback=callback,
+                    )
                 )
-                for r in found
-            ]
-            claim = Claim(client, rows)
-            yield claim
+            try:
+                yield claim
+            except Exception as exc:
+                # Whatever went wrong after some rows were delivered, their deliveries are
+                # committed: a rollback would send them again, and again on every pass.
+                failure = exc
             await self._settle(tx, claim)
+        if failure is not None:
+            raise failure
 
     @staticmethod
     async def _settle(tx: Session, claim: Claim) -> None:
         if claim.delivered:
             await tx.execute(Q.outbox_delete_delivered, {"ids": claim.delivered})
+        # The outcomes of failed rows behind a savepoint: a row the database would refuse
+        # (it cannot, with errors cleaned, but a rule kept by one function alone is fragile)
+        # costs its own bookkeeping, never the deliveries above.
+        await tx.execute(Q.outbox_savepoint)
+        try:
+            await Outbox._settle_failures(tx, claim)
+        except Exception as exc:
+            if not unstorable(exc):
+                raise
+            log.error("outbox bookkeeping of %s refused (%s); kept as it was", claim.client, exc)
+            await tx.execute(Q.outbox_rollback_savepoint)
+
+    @staticmethod
+    async def _settle_failures(tx: Session, claim: Claim) -> None:
         if claim.failed is not None:
             row_id, delay_s, error = claim.failed
             await tx.execute(Q.outbox_fail_one, {"id": row_id, "delay_s": delay_s, "error": error})

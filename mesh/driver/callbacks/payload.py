@@ -1,35 +1,27 @@
 """The callback a client receives: one JSON object per state change (or an array of them).
 
 Its field names are part of the outside contract (DESIGN.md, "The outside contract"): extend
-it, never rename. Every field is always present, null when the state does not carry it, so a
-client can decode every callback with one schema.
+it, never rename. The struct itself is the wire's (`tidegate.wire.Callback`, which the SDK
+decodes too); it is re-exported here so the driver's imports stay as they were.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
 import msgspec
 
 from tidegate.store.flatten import FlatEvent, flatten
-from tidegate.wire import AnyEvent, Finished
+from tidegate.wire import AnyEvent, Callback, Finished, decode_callback
 
-
-class Callback(msgspec.Struct, frozen=True, kw_only=True):
-    event_id: str  # stable across redeliveries: a client drops duplicates by it
-    task_id: str
-    client: str
-    key: str
-    state: str
-    attempt: int
-    at: datetime
-    executor: str | None = None
-    exit_code: int | None = None
-    reason: str | None = None
-    log_tail: str | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+__all__ = [
+    "Callback",
+    "callback_from_event",
+    "callback_from_flat",
+    "decode_one",
+    "encode_batch",
+    "encode_one",
+]
 
 
 def callback_from_event(event: AnyEvent | Finished) -> Callback:
@@ -51,11 +43,11 @@ def callback_from_flat(flat: FlatEvent) -> Callback:
         log_tail=flat.log_tail,
         started_at=flat.started_at,
         finished_at=flat.finished_at,
+        run=flat.run,
     )
 
 
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Callback)
 
 
 def encode_batch(callbacks: Sequence[Callback], *, batch: bool) -> bytes:
@@ -74,4 +66,4 @@ def encode_one(callback: Callback) -> bytes:
 
 
 def decode_one(data: bytes | str) -> Callback:
-    return _decoder.decode(data)
+    return decode_callback(data)

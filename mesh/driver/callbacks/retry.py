@@ -2,8 +2,11 @@
 
 Each pass takes the clients whose oldest row is due and works on them concurrently, each in its
 own transaction under that client's advisory lock (a client another driver is working on is
-skipped). Within a client, rows go out in id order; the first failure stops that client for
-this pass, so nothing overtakes a callback that is backing off. A down endpoint therefore costs
+skipped). Within a client, rows go out laned by task, like the notifier's callbacks: a task's
+rows one after another in id order, different tasks' concurrently (up to `concurrency`
+requests); the first failure starts nothing more for that client in this pass, so nothing of a
+task overtakes its callback that is backing off, and the client waits behind that oldest
+failure (its head) as before. A down endpoint therefore costs
 at most one timeout per pass, and only its own client's.
 """
 
@@ -20,6 +23,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from tidegate.driver.callbacks.outbox import Claim, Outbox, OutboxRow
 from tidegate.driver.callbacks.transport import CallbackFailed, Transports, batch_max
+from tidegate.driver.task_lanes import TaskLanes
 from tidegate.wire import ClientRecord
 
 log = logging.getLogger(__name__)
@@ -42,17 +46,20 @@ async def retry_pass(
     *,
     batch_limit: int = 500,
     budget_s: float = 10.0,
+    concurrency: int = 1,
 ) -> RetryStats:
     """One pass over every client with a due callback.
 
     `budget_s` bounds how long one client's transaction stays open: a slow but working
     endpoint is drained over several passes instead of pinning a connection for minutes.
+    `concurrency`: requests in flight at once per client, in order per task (the notifier's
+    `callback_concurrency`).
     """
     stats = RetryStats()
     clients = await outbox.due_clients()
     results = await asyncio.gather(
         *(
-            _retry_client(outbox, transports, lookup, c, batch_limit, budget_s, stats)
+            _retry_client(outbox, transports, lookup, c, batch_limit, budget_s, stats, concurrency)
             for c in clients
         ),
         return_exceptions=True,
@@ -73,6 +80,7 @@ async def _retry_client(
     batch_limit: int,
     budget_s: float,
     stats: RetryStats,
+    concurrency: int,
 ) -> None:
     deadline = time.monotonic() + budget_s
     async with outbox.claim(name, batch_limit) as claim:
@@ -89,20 +97,58 @@ async def _retry_client(
         stats.dead += len(claim.rows) - len(sendable)
         if not sendable or not sendable[0].due:
             return  # the head is backing off: everything behind it waits
-        step = batch_max(client)
-        for i in range(0, len(sendable), step):
-            if time.monotonic() >= deadline:
-                break
-            chunk = sendable[i : i + step]
-            try:
-                await transports.send(client, [r.callback for r in chunk])
-            except CallbackFailed as exc:
-                claim.deliver(chunk[: exc.delivered])
-                stats.delivered += exc.delivered
-                _record_failure(outbox, claim, chunk[exc.delivered], str(exc), stats)
-                return
+        failures = await _send_laned(transports, client, claim, sendable, deadline, concurrency)
+        stats.delivered += len(claim.delivered)
+        if failures:
+            # One attempt counted, on the oldest failure: the head the next pass waits for.
+            # The other failed rows stay as they were, tried again with it.
+            row, error = min(failures, key=lambda f: f[0].id)
+            _record_failure(outbox, claim, row, error, stats)
+
+
+async def _send_laned(
+    transports: Transports,
+    client: ClientRecord,
+    claim: Claim,
+    rows: list[OutboxRow],
+    deadline: float,
+    concurrency: int,
+) -> list[tuple[OutboxRow, str]]:
+    """`rows` sent laned by task (mesh/driver/task_lanes.py): a task's rows one request after
+    another in id order, up to `concurrency` requests at once. The first failure starts
+    nothing more (what is in flight, other tasks', finishes): nothing of a failed task goes
+    after it, and a failing endpoint gets no more than the requests already under way."""
+    lanes: TaskLanes[OutboxRow] = TaskLanes(lambda r: r.callback.task_id, limit=concurrency)
+    for row in rows:
+        lanes.put(row)
+    failures: list[tuple[OutboxRow, str]] = []
+
+    async def send(chunk: list[OutboxRow]) -> None:
+        try:
+            await transports.send(client, [r.callback for r in chunk])
+        except CallbackFailed as exc:
+            claim.deliver(chunk[: exc.delivered])
+            failures.append((chunk[exc.delivered], str(exc)))
+        else:
             claim.deliver(chunk)
-            stats.delivered += len(chunk)
+        finally:
+            lanes.done(chunk)
+
+    step = batch_max(client)
+    running: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            while not failures and time.monotonic() < deadline and lanes.can_take():
+                running.add(asyncio.create_task(send(lanes.take(step))))
+            if not running:
+                return failures
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # CallbackFailed is handled in `send`: anything else is a bug
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 def _bury_if_spent(outbox: Outbox, claim: Claim, row: OutboxRow) -> bool:

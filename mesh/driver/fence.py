@@ -1,0 +1,94 @@
+"""The notifier's fence that survives its holder: per task, the newest state called back while
+an older state of the same task may still be unacked somewhere.
+
+Why only those: a state whose message was acked is never delivered again, so it can never come
+back after a newer one. The dangers are unacked older states:
+
+- a holder called back a task's `succeeded` while its `running` was still unacked (both in one
+  batch), then stopped (killed, frozen past its lease): both messages go to the next holder,
+  which would call back `running` after `succeeded`;
+- a holder took `running` and was frozen; the next holder got `succeeded` (never delivered
+  before), called it back and acked it; `running` comes back at the ack wait, perhaps to a
+  third holder (or the first, thawed, once it has the partition again) that never saw
+  `succeeded`. So in the first ack wait of a term that began with events unacked (an earlier
+  holder's, which can still come back) every state handed off is recorded, not only the first
+  kind.
+
+The holder records such a task here *before* acking; the next holder checks redelivered messages
+against it and drops what is not newer. A KV bucket (NATS, not the database), so the check
+works while PostgreSQL is down; keys age out after a day (`NOTIFY_FENCE_TTL_S`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import nats.errors
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from tidegate import names
+from tidegate.wire import STATE_RANK, AnyEvent
+
+log = logging.getLogger(__name__)
+
+Mark = tuple[int, int, int]  # (run, attempt, state rank): greater is newer
+
+
+def mark_of(run: int, attempt: int, state: str) -> Mark:
+    return (run, attempt, STATE_RANK[state])
+
+
+def _encode(mark: Mark) -> bytes:
+    return " ".join(str(n) for n in mark).encode()
+
+
+def _decode(data: bytes | None) -> Mark | None:
+    try:
+        run, attempt, rank = (int(p) for p in (data or b"").split())
+    except ValueError:
+        return None
+    return (run, attempt, rank)
+
+
+class DeliveredFence:
+    def __init__(self, kv: KeyValue | None) -> None:
+        self._kv = kv  # None: no shared fence (tests of the notifier alone)
+
+    async def already_sent(self, events: Sequence[AnyEvent]) -> set[str]:
+        """Event ids of `events` (redelivered ones) that are not newer than what was called
+        back for their task. Unreadable: nothing is dropped (a duplicate beats a loss)."""
+        if self._kv is None or not events:
+            return set()
+        marks = await asyncio.gather(*(self._get(e.task_id) for e in events))
+        return {
+            e.event_id
+            for e, fenced in zip(events, marks, strict=True)
+            if fenced is not None and mark_of(e.run, e.attempt, e.state) <= fenced
+        }
+
+    async def record(self, marks: dict[str, Mark]) -> None:
+        """Before the messages are acked: task id → the newest mark called back."""
+        if self._kv is None or not marks:
+            return
+        kv = self._kv
+        results = await asyncio.gather(
+            *(kv.put(names.kv_key(task), _encode(mark)) for task, mark in marks.items()),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("could not record %d callback fences: %s", len(failed), failed[0])
+
+    async def _get(self, task_id: str) -> Mark | None:
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(names.kv_key(task_id))
+        except KeyNotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("cannot read the callback fence of %s: %s", task_id, exc)
+            return None
+        return _decode(entry.value)

@@ -1,0 +1,168 @@
+"""Wire messages: the one schema shared by the client SDK, drivers and executors.
+
+Every message is a frozen msgspec struct encoded as JSON. The same `TaskSpec` validates a task
+in the SDK before publishing and again in the driver, so both sides reject the same inputs with
+the same reason.
+
+One module per kind of message; every public name is re-exported here, so callers import from
+`tidegate.wire` and never from its modules.
+"""
+
+from __future__ import annotations
+
+from tidegate.wire.api import (
+    API_OPS,
+    PAGE_MAX,
+    ApiReply,
+    ApiRequest,
+    CancelReply,
+    CancelTask,
+    ErrorCode,
+    ErrorReply,
+    GetTask,
+    ListTasks,
+    NotYours,
+    PageReply,
+    TaskReply,
+    TaskState,
+    decode_cursor,
+    decode_reply,
+    decode_request,
+    encode_cursor,
+    target_task,
+)
+from tidegate.wire.callbacks import Callback, decode_callback, decode_callbacks
+from tidegate.wire.cancel import CancelRequest, decode_cancel
+from tidegate.wire.clients import DEFAULT_CALLBACK_HELD_MAX, ClientRecord
+from tidegate.wire.codec import encode
+from tidegate.wire.events import (
+    FINISHED_BY_STATE,
+    STATE_RANK,
+    TERMINAL_STATES,
+    AnyEvent,
+    Cancelled,
+    Dispatched,
+    Event,
+    Failed,
+    Finished,
+    Lost,
+    Queued,
+    Rejected,
+    Running,
+    State,
+    Succeeded,
+    TimedOut,
+    UnknownEventState,
+    decode_event,
+)
+from tidegate.wire.heartbeats import (
+    ExecutorControl,
+    Heartbeat,
+    RunningTask,
+    decode_executor_control,
+    decode_heartbeat,
+)
+from tidegate.wire.logs import (
+    LOG_CHUNK_MAX,
+    LogChunk,
+    LogRequest,
+    decode_log_chunk,
+    decode_log_request,
+)
+from tidegate.wire.spec import (
+    KEY_PATTERN,
+    MAX_ATTEMPTS_LIMIT,
+    MAX_TIMEOUT_S,
+    NAME_RE,
+    Key,
+    Name,
+    TaskClass,
+    TaskSpec,
+    check_spec,
+    decode_spec,
+    event_id_of,
+    run_ref,
+    task_id,
+)
+from tidegate.wire.stats import DriverStats, decode_driver_stats
+from tidegate.wire.times import EARLIEST_TIME, LATEST_TIME, check_time, now
+from tidegate.wire.work import WorkItem, decode_work_item
+
+__all__ = [
+    "API_OPS",
+    "DEFAULT_CALLBACK_HELD_MAX",
+    "EARLIEST_TIME",
+    "FINISHED_BY_STATE",
+    "KEY_PATTERN",
+    "LATEST_TIME",
+    "LOG_CHUNK_MAX",
+    "MAX_ATTEMPTS_LIMIT",
+    "MAX_TIMEOUT_S",
+    "NAME_RE",
+    "PAGE_MAX",
+    "STATE_RANK",
+    "TERMINAL_STATES",
+    "AnyEvent",
+    "ApiReply",
+    "ApiRequest",
+    "Callback",
+    "CancelReply",
+    "CancelRequest",
+    "CancelTask",
+    "Cancelled",
+    "ClientRecord",
+    "Dispatched",
+    "DriverStats",
+    "ErrorCode",
+    "ErrorReply",
+    "Event",
+    "ExecutorControl",
+    "Failed",
+    "Finished",
+    "GetTask",
+    "Heartbeat",
+    "Key",
+    "ListTasks",
+    "LogChunk",
+    "LogRequest",
+    "Lost",
+    "Name",
+    "NotYours",
+    "PageReply",
+    "Queued",
+    "Rejected",
+    "Running",
+    "RunningTask",
+    "State",
+    "Succeeded",
+    "TaskClass",
+    "TaskReply",
+    "TaskSpec",
+    "TaskState",
+    "TimedOut",
+    "UnknownEventState",
+    "WorkItem",
+    "check_spec",
+    "check_time",
+    "decode_callback",
+    "decode_callbacks",
+    "decode_cancel",
+    "decode_cursor",
+    "decode_driver_stats",
+    "decode_event",
+    "decode_executor_control",
+    "decode_heartbeat",
+    "decode_log_chunk",
+    "decode_log_request",
+    "decode_reply",
+    "decode_request",
+    "decode_spec",
+    "decode_work_item",
+    "encode",
+    "encode_cursor",
+    "event_id_of",
+    "now",
+    "run_ref",
+    "target_task",
+    "task_id",
+]

@@ -1,0 +1,105 @@
+"""Notifier failover keeps order (issue 8, point 6): the leading driver frozen (SIGSTOP) past
+its lease in the middle of a callback flood, then thawed (SIGCONT). Per task, the client never
+receives an older state after a newer one: not from the new holder (redeliveries checked
+against the shared fence), not from the old one (it stops sending once its lease may be gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from harness import Cluster, register, wait_for
+from receiver import Receiver
+
+from tidegate.bus.buckets import LEASE_TTL_S
+from tidegate.client import TidegateClient
+from tidegate.wire import STATE_RANK, ClientRecord, TaskSpec
+
+pytestmark = pytest.mark.slow
+
+TASKS = 400
+# What the frozen holder took comes back at the ack wait (it must not nak once its lease may be
+# gone): shortened, so the test does not wait out the production minute.
+ACK_WAIT_S = 15
+
+
+async def test_frozen_notifier_leader_never_causes_an_older_state_after_a_newer(
+    nats_url: str, engine_db: str, tmp_path: Path
+) -> None:
+    async def respond(_path: str, _body: bytes) -> int:
+        await asyncio.sleep(0.005)  # a real endpoint's pace: the leader holds a backlog
+        return 200
+
+    async with Receiver(respond=respond) as rx:
+        await register(
+            nats_url,
+            engine_db,
+            ClientRecord(name="watcher", sensitive=True, callback_url=rx.url()),
+        )
+        c = Cluster(
+            nats_url=nats_url,
+            database_url=engine_db,
+            workdir=tmp_path / "run",
+            extra_env={"TIDEGATE_NOTIFY_ACK_WAIT_S": str(ACK_WAIT_S)},
+        )
+        try:
+            drivers = [c.driver(), c.driver()]
+            c.executor(slots=16)
+
+            def leader() -> int | None:
+                for i, d in enumerate(drivers):
+                    if re.search(r"this driver now sends the callbacks", d.log()):
+                        return i
+                return None
+
+            async def led() -> bool:
+                return leader() is not None
+
+            await wait_for(led, timeout=60, what="a notifier leader")
+            first = leader()
+            assert first is not None
+            keys = [f"t{i}" for i in range(TASKS)]
+            async with await TidegateClient.connect(nats_url, "watcher") as tg:
+                await tg.submit_many(TaskSpec(key=k, argv=["true"]) for k in keys)
+
+            async def flowing() -> bool:
+                return len(rx.delivered()) >= 100
+
+            await wait_for(flowing, timeout=60, what="the callback flood under way")
+            frozen = drivers[first]
+            os.kill(frozen.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(LEASE_TTL_S * 2.5)  # well past the lease
+            finally:
+                os.kill(frozen.pid, signal.SIGCONT)
+
+            async def all_finished() -> bool:
+                done = {cb.key for cb in rx.delivered() if cb.state == "succeeded"}
+                return done == set(keys)
+
+            await wait_for(all_finished, timeout=180, interval=1, what="every task called back")
+            other = drivers[1 - first]
+            assert "this driver now sends the callbacks" in other.log(), "no failover happened"
+            # Thawed, it found its lease gone and gave nothing back (a nak would have had the
+            # new holder's events delivered again): it left them to the ack wait.
+            assert "left to the ack wait" in frozen.log()
+            latest: dict[str, tuple[int, int, int]] = {}
+            for cb in rx.delivered():
+                mark = (cb.run, cb.attempt, STATE_RANK[cb.state])
+                before = latest.get(cb.task_id)
+                assert before is None or mark >= before, (
+                    f"{cb.task_id}: {cb.state} (attempt {cb.attempt}) after a newer state"
+                )
+                latest[cb.task_id] = mark
+            print(f"{len(rx.delivered())} callbacks for {TASKS} tasks; at {time.monotonic():.0f}")
+        except BaseException:
+            print(c.logs())
+            raise
+        finally:
+            c.stop_all()

@@ -1,0 +1,194 @@
+"""The flood benchmark's figures: spreads, ratios to the ceilings, rates, lags, the sensitive
+share, what the callback sink counts, and the markdown form of the report."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tidegate.bench.ceilings import Ceilings
+from tidegate.bench.figures import Spread, lags, per_second, rates, ratio, share_count, spread
+from tidegate.bench.flood import expected_callbacks, sensitive_names
+from tidegate.bench.model import FloodConfig, FloodReport, Machine, ModeResult
+from tidegate.bench.plot import write_png
+from tidegate.bench.report import format_markdown, format_table
+from tidegate.bench.run import add_ratios
+from tidegate.bench.sink import CallbackSink
+from tidegate.bench.timeline import Point
+from tidegate.bench.usage import Usage
+from tidegate.driver.callbacks.payload import Callback
+
+
+def cfg(**more: object) -> FloodConfig:
+    base: dict[str, object] = dict(
+        tasks=10,
+        clients=4,
+        executors=1,
+        slots=4,
+        persist=["batch"],
+        command=["/bin/true"],
+        timeout_s=60,
+    )
+    base.update(more)
+    return FloodConfig(**base)  # type: ignore[arg-type]
+
+
+def test_spread_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1 … 100
+    assert spread(values) == Spread(n=100, p50=50.0, p95=95.0, p99=99.0, max=100.0)
+    assert spread([]) is None
+    one = spread([7.25], digits=1)
+    assert one is not None and (one.p50, one.p99, one.max) == (7.2, 7.2, 7.2)
+
+
+def test_ratio_and_rate_with_missing_figures() -> None:
+    assert ratio(30.0, 20.0) == 1.5
+    assert ratio(None, 20.0) is None
+    assert ratio(30.0, None) is None
+    assert ratio(30.0, 0.0) is None
+    assert per_second(3000, 1.5) == 2000.0
+    assert per_second(3000, None) is None
+    assert per_second(3000, 0.0) is None
+
+
+def test_rates_between_samples_skip_gaps_and_resets() -> None:
+    samples = [(0.0, 0), (0.5, 10), (0.5, 10), (1.5, 30), (2.0, 5)]
+    assert rates(samples) == [(0.5, 20.0), (1.5, 20.0)]
+    assert rates([]) == [] and rates([(0.0, 1)]) == []
+
+
+def test_lags_only_for_keys_in_both() -> None:
+    got = sorted(lags({"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 1.5, "b": 1.0, "d": 9.0}))
+    assert got == [-1.0, 0.5]
+
+
+def test_share_count_rounds_and_keeps_one() -> None:
+    assert share_count(0.0, 10) == 0
+    assert share_count(0.5, 6) == 3
+    assert share_count(0.01, 6) == 1  # asked for some: at least one
+    assert share_count(1.0, 6) == 6
+    assert share_count(0.5, 0) == 0
+    with pytest.raises(ValueError):
+        share_count(1.5, 6)
+
+
+def test_sensitive_clients_and_expected_callbacks() -> None:
+    # 10 tasks over 4 clients: 3, 3, 2, 2; the first two clients sensitive.
+    c = cfg(sensitive_share=0.5)
+    assert sensitive_names(c) == {"bench000", "bench001"}
+    assert expected_callbacks(c) == (6, 6 * 3 + 4 * 1)
+    assert expected_callbacks(cfg()) == (0, 10)
+    assert expected_callbacks(cfg(sensitive_share=1.0)) == (10, 30)
+
+
+def _cb(task: str, state: str, attempt: int = 1, client: str = "s") -> Callback:
+    return Callback(
+        event_id=f"{task}-{attempt}-{state}",
+        task_id=f"{client}:{task}",
+        client=client,
+        key=task,
+        state=state,
+        attempt=attempt,
+        at=datetime.fromtimestamp(1000.0, UTC),
+    )
+
+
+def test_sink_counts_duplicates_order_latency_and_terminal_time() -> None:
+    sink = CallbackSink(sensitive=frozenset({"s"}))
+    sink.record(_cb("a", "dispatched"), wall=1000.1, mono=1.0)
+    sink.record(_cb("a", "succeeded"), wall=1000.3, mono=2.0)
+    sink.record(_cb("a", "running"), wall=1000.4, mono=3.0)  # after a newer state
+    sink.record(_cb("a", "succeeded"), wall=1000.5, mono=4.0)  # the same event again
+    sink.record(_cb("b", "succeeded", client="n"), wall=1002.0, mono=5.0)
+    assert sink.received == 5
+    assert sink.duplicates == 1
+    assert sink.out_of_order == 1
+    assert [round(x) for x in sink.latency_ms[True]] == [100, 300, 400, 500]
+    assert [round(x) for x in sink.latency_ms[False]] == [2000]
+    assert sink.terminal_at == {"s:a": 1000.3, "n:b": 1002.0}  # the first arrival counts
+    assert sink.states == {"dispatched": 1, "running": 1, "succeeded": 2}  # distinct events
+    assert sink.arrivals == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def _report() -> FloodReport:
+    mode = ModeResult(
+        persist="batch",
+        tasks=10,
+        terminal=10,
+        succeeded=10,
+        completed=True,
+        submit_s=0.5,
+        terminal_s=3.0,
+        callbacks_expected=22,
+        callbacks_received=22,
+        callback_latency_ms={"sensitive": Spread(n=18, p50=12.0, p95=40.0, p99=55.0, max=60.0)},
+        usage={
+            "driver": Usage(peak_rss_mb=80.0, cpu_s=2.5),
+            "executor0": Usage(peak_rss_mb=40.0, cpu_s=1.0, tasks_cpu_s=0.2),
+            "executor1": Usage(peak_rss_mb=45.0, cpu_s=1.5, tasks_cpu_s=0.3),
+        },
+    )
+    ceilings = Ceilings(tasks=10, in_flight=4, spawn_s=2.0, spawn_per_s=5.0, publish_s=0.25)
+    add_ratios(mode, ceilings)
+    return FloodReport(
+        benchmark="flood",
+        config=cfg(sensitive_share=0.5, callback_latency_ms=50.0),
+        modes={"batch": mode},
+        commit_ratio=None,
+        ok=True,
+        ceilings=ceilings,
+        machine=Machine(
+            cpus=2,
+            cpu_model="Test CPU",
+            memory_gb=4.0,
+            python="3.11.7",
+            system="Linux 6",
+            load_before=[1.0, 2.0, 3.0],
+            load_after=[1.5, 2.0, 3.0],
+        ),
+    )
+
+
+def test_ratios_to_the_ceilings() -> None:
+    mode = _report().modes["batch"]
+    assert mode.terminal_x_spawn == 1.5
+    assert mode.submit_x_publish == 2.0
+
+
+def test_markdown_and_table_show_ceilings_ratios_callbacks_and_usage() -> None:
+    report = _report()
+    md = format_markdown(report)
+    assert "| figure | batch |" in md
+    assert "| x raw spawn time | 1.50x |" in md
+    assert "| x raw publish time | 2.00x |" in md
+    assert "| callbacks received / expected | 22 / 22 |" in md
+    assert "| callback ms p50/p95/p99: sensitive | 12 / 40 / 55 |" in md
+    assert "| callback ms p50/p95/p99: non-sensitive | - |" in md
+    # Executors summed, their tasks' CPU apart.
+    assert "| peak RSS MB: executors | 85 |" in md
+    assert "| CPU s: tasks | 0.5 |" in md
+    assert "spawn+reap 10 x /bin/true, 4 at once: 2.00 s" in md
+    assert "2 CPUs (Test CPU)" in md and "load 1.00 2.00 3.00 before" in md
+    table = format_table(report)
+    assert "50% sensitive" in table and "after 50 ms" in table
+    assert "1.50x" in table
+
+
+def test_png_has_a_column_per_mode(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    report = _report()
+    mode = report.modes["batch"]
+    mode.commit_samples = [(0.0, 0), (0.5, 10), (1.0, 30)]
+    mode.timeline = [
+        Point(
+            t=0.0, accepted=0, submitted=0, ready=0, work=0, events=0, db_terminal=0, callbacks=0
+        ),
+        Point(
+            t=0.5, accepted=10, submitted=2, ready=4, work=4, events=3, db_terminal=5, callbacks=9
+        ),
+    ]
+    report.modes["per-event"] = ModeResult(persist="per-event", tasks=10, error="died")
+    assert write_png(report, tmp_path / "flood.png")
+    assert (tmp_path / "flood.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
