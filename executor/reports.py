@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 from tidegate import names
 from tidegate.backoff import Backoff
 from tidegate.bus.lost import lose_unreadable
-from tidegate.bus.publish import Outgoing, Publisher
+from tidegate.bus.publish import Outgoing, Publisher, unsendable
 from tidegate.executor.workmsg import Slot
 from tidegate.supervise import until_done
 from tidegate.wire import (
@@ -80,6 +80,7 @@ async def report(publisher: Publisher, event: AnyEvent) -> None:
         partial(publisher.publish, out),
         what=f"reporting {event.event_id}",
         backoff=REPORT_RETRY,
+        give_up=unsendable,
     )
 
 

@@ -49,6 +49,11 @@ class BufferFull(SubmitError):
     """The stream is at its size limit (discard=new); back off and resubmit the same keys."""
 
 
+class Unsendable(SubmitError):
+    """This message can never be published as it is (larger than the server's max payload, a
+    line break in its id): sending it again cannot help; shorten it or fix its id."""
+
+
 class StoreError(TidegateError):
     """The database refused an operation; the message names the operation."""
 

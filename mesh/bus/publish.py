@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from tidegate.backoff import Backoff
-from tidegate.errors import BufferFull, SubmitError
+from tidegate.errors import BufferFull, SubmitError, Unsendable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ def _quota_full(subject: str, text: str) -> str:
         f"(TIDEGATE_CLIENT_BUFFER_MAX; JetStream: {text}). Other clients are not affected; "
         "resume or serve this client's backlog, then resubmit the same keys"
     )
+
+
+def unsendable(exc: BaseException) -> bool:
+    """The give-up rule of every retried publish: only a message that can never be sent."""
+    return isinstance(exc, Unsendable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,13 +225,13 @@ class Publisher:
             run.tries[index] += 1
             try:
                 self._raw.send(out, f"{prefix}.{token}")
-            except (SubmitError, nats.errors.MaxPayloadError) as exc:  # never sendable
+            except (Unsendable, nats.errors.MaxPayloadError) as exc:  # never sendable
                 queue.pop()
                 run.settle(
                     index,
                     exc
-                    if isinstance(exc, SubmitError)
-                    else SubmitError(f"{out.msg_id} is larger than the server's max payload"),
+                    if isinstance(exc, Unsendable)
+                    else Unsendable(f"{out.msg_id} is larger than the server's max payload"),
                 )
                 continue
             except nats.errors.Error as exc:  # disconnected and the reconnect buffer is full
@@ -356,7 +361,7 @@ class _RawSender:
             raise nats.errors.ConnectionDrainingError
         msg_id = out.msg_id
         if "\n" in msg_id or "\r" in msg_id:
-            raise SubmitError(f"a message id cannot hold a line break: {msg_id!r}")
+            raise Unsendable(f"a message id cannot hold a line break: {msg_id!r}")
         payload = out.payload
         size = len(payload)
         if size > nc.max_payload:

@@ -37,7 +37,9 @@ from tidegate.driver.projector import Projector
 from tidegate.driver.reconcile import Reconciler
 from tidegate.driver.route import Router
 from tidegate.driver.stats import StatsSampler
+from tidegate.errors import ConfigError
 from tidegate.metrics import DriverMetrics, count_dead_letter, serve
+from tidegate.store.failures import misconfigured
 from tidegate.store.migrate import migrate
 from tidegate.store.pace import CALLBACKS, HOUSEKEEPING, PROJECTOR, SENSITIVE, CommitPace
 from tidegate.store.store import Store
@@ -293,7 +295,19 @@ class Driver:
                 await publish_client(self.buckets.registry, record)
             log.info("mirrored %d clients into the clients bucket", len(records))
 
-        await until_done(once, what="database setup", backoff=SETUP_RETRY)
+        try:
+            await until_done(
+                once,
+                what="database setup",
+                backoff=SETUP_RETRY,
+                give_up=lambda exc: misconfigured(exc) is not None,
+            )
+        except Exception as exc:
+            advice = misconfigured(exc)
+            if advice is None:
+                raise
+            # Loud and slower than a retry: the loop's restarts log it with the reason.
+            raise ConfigError(f"database setup: {advice} ({exc})") from exc
 
     async def _retry_callbacks(self) -> None:
         try:

@@ -37,11 +37,12 @@ from nats.js import JetStreamContext
 from tidegate import names
 from tidegate.bus.lease import Leases
 from tidegate.bus.lost import lose_unreadable, lost_event, lost_message
-from tidegate.bus.publish import Publisher
+from tidegate.bus.publish import Publisher, unsendable
 from tidegate.bus.topology import ensure_ready_consumer, ensure_work_consumer
 from tidegate.config import DriverSettings, Limits
 from tidegate.driver.dispatch import READY_STAGE
 from tidegate.driver.rounds import BoundSubscriptions, Strays
+from tidegate.errors import Unsendable
 from tidegate.metrics import DriverMetrics, count_dead_letter
 from tidegate.store.queries import Q
 from tidegate.store.store import Store
@@ -50,6 +51,7 @@ from tidegate.wire import (
     NAME_RE,
     ClientRecord,
     Heartbeat,
+    Lost,
     TaskClass,
     WorkItem,
     decode_work_item,
@@ -216,10 +218,8 @@ class Reconciler:
                 sensitive=bool(record and record.sensitive),
                 executor=row["executor"],
             )
-            await until_done(
-                partial(self._publisher.publish, lost_message(event)),
-                what=f"reporting {event.event_id}",
-            )
+            if not await self._report(event):
+                continue
             log.warning("task %s is lost: %s", event.task_id, event.reason)
             lost += 1
         return lost
@@ -332,11 +332,22 @@ class Reconciler:
             reason=reason,
             sensitive=item.sensitive if record is None else record.sensitive,
         )
-        await until_done(
-            partial(self._publisher.publish, lost_message(event)),
-            what=f"reporting {event.event_id}",
-        )
-        log.warning("task %s is lost: %s", item.task_id, reason)
+        if await self._report(event):
+            log.warning("task %s is lost: %s", item.task_id, reason)
+
+    async def _report(self, event: Lost) -> bool:
+        """Publish `event` until JetStream has it (the events stream may be full or away for a
+        while); False for an event that can never be published, which retrying cannot fix."""
+        try:
+            await until_done(
+                partial(self._publisher.publish, lost_message(event)),
+                what=f"reporting {event.event_id}",
+                give_up=unsendable,
+            )
+        except Unsendable as exc:
+            log.error("task %s is lost, but that cannot be reported: %s", event.task_id, exc)
+            return False
+        return True
 
 
 async def _same(durable: str) -> str:

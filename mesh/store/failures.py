@@ -65,3 +65,28 @@ def unwritable(exc: BaseException) -> bool:
     """A row the database or the driver can never take (`permanent`, or a value refused before
     it reaches the server), as opposed to the database being away: give up, do not retry."""
     return permanent(exc) or isinstance(exc, _UNSENDABLE) or isinstance(exc.__cause__, _UNSENDABLE)
+
+
+# What the server says when it refuses a login for a reason only an operator can fix. psycopg
+# gives these no SQLSTATE (the refusal comes before a session exists), hence the words.
+_MISCONFIGURED = (
+    ("password authentication failed", "the database refused the password"),
+    ("no pg_hba.conf entry", "the database's pg_hba.conf refuses this host or user"),
+    ("does not exist", "the database or role named in the URL does not exist"),
+)
+
+
+def misconfigured(exc: BaseException) -> str | None:
+    """Why connecting can never succeed as configured (a wrong password, database or role), as
+    advice; None for errors worth retrying, such as a database that is down or starting up."""
+    for error in (exc, exc.__cause__):
+        if not isinstance(error, psycopg.OperationalError):
+            continue
+        text = str(error)
+        for words, meaning in _MISCONFIGURED:
+            if words in text:
+                return (
+                    f"{meaning}: fix TIDEGATE_DATABASE_URL (or the database) and the driver "
+                    "tries again by itself"
+                )
+    return None
