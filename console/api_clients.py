@@ -42,6 +42,10 @@ class ClientOut(msgspec.Struct, frozen=True, kw_only=True):
     callback_batch_max: int
     callback_held_max: int
     buffer_max: int | None  # its own quota of waiting tasks; null: TIDEGATE_CLIENT_BUFFER_MAX
+    # Its command policy, checked where its tasks are routed; null lists: any.
+    allowed_executables: list[str] | None
+    allowed_cwds: list[str] | None
+    allow_shell: bool
     max_running: int | None
     max_submit_per_s: float | None
     default_pool: str
@@ -80,6 +84,10 @@ class ClientNew(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     callback_batch_max: int = 1
     callback_held_max: int = DEFAULT_CALLBACK_HELD_MAX
     buffer_max: int | None = None  # its own quota of waiting tasks; null: the stream-wide one
+    # Absolute paths or globs argv[0] must match, directories cwd must be under; null: any.
+    allowed_executables: list[str] | None = None
+    allowed_cwds: list[str] | None = None
+    allow_shell: bool = True
 
 
 class ClientPatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -97,6 +105,9 @@ class ClientPatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     callback_batch_max: int | UnsetType = UNSET
     callback_held_max: int | UnsetType = UNSET
     buffer_max: int | UnsetType | None = UNSET  # null: back to the stream-wide quota
+    allowed_executables: list[str] | UnsetType | None = UNSET  # replaces the list; null: any
+    allowed_cwds: list[str] | UnsetType | None = UNSET  # replaces the list; null: any
+    allow_shell: bool | UnsetType = UNSET
 
 
 def transport_of(record: ClientRecord) -> Transport:
@@ -116,6 +127,9 @@ def client_out(view: clients.ClientView) -> ClientOut:
         callback_batch_max=r.callback_batch_max,
         callback_held_max=r.callback_held_max,
         buffer_max=r.buffer_max,
+        allowed_executables=_listed(r.allowed_executables),
+        allowed_cwds=_listed(r.allowed_cwds),
+        allow_shell=r.allow_shell,
         max_running=r.max_running,
         max_submit_per_s=r.max_submit_per_s,
         default_pool=r.default_pool,
@@ -144,7 +158,14 @@ def form_values(record: ClientRecord) -> dict[str, Any]:
         "callback_batch_max": record.callback_batch_max,
         "callback_held_max": record.callback_held_max,
         "buffer_max": record.buffer_max,
+        "allowed_executables": _listed(record.allowed_executables),
+        "allowed_cwds": _listed(record.allowed_cwds),
+        "allow_shell": record.allow_shell,
     }
+
+
+def _listed(entries: tuple[str, ...] | None) -> list[str] | None:
+    return None if entries is None else list(entries)
 
 
 def action_of(changes: msgspec.Struct) -> str:

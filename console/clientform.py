@@ -12,10 +12,16 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from tidegate.errors import TidegateError
+from tidegate.errors import TidegateError, UsageError
 from tidegate.signing import new_secret
 from tidegate.store.store import ClientChanges
-from tidegate.wire import DEFAULT_CALLBACK_HELD_MAX, NAME_RE, ClientRecord
+from tidegate.wire import (
+    DEFAULT_CALLBACK_HELD_MAX,
+    NAME_RE,
+    ClientRecord,
+    check_command_lists,
+    command_list,
+)
 
 CSRF_FIELD = "_csrf_token"  # the form field Litestar's CSRF middleware reads
 
@@ -36,6 +42,15 @@ class ClientForm(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     callback_held_max: Annotated[int, Meta(ge=1, le=1_000_000)] = DEFAULT_CALLBACK_HELD_MAX
     # Empty: the stream-wide TIDEGATE_CLIENT_BUFFER_MAX (also the ceiling, checked on save).
     buffer_max: Annotated[int, Meta(ge=1)] | None = None
+    # Its command policy (`tidegate.wire.command_policy`); None: any. In the page, one entry a
+    # line in a textarea, and a `no_shell` checkbox (absent from a post: shell stays allowed).
+    allowed_executables: tuple[str, ...] | None = None
+    allowed_cwds: tuple[str, ...] | None = None
+    allow_shell: bool = True
+
+
+# The page's textareas: one entry a line.
+LIST_FIELDS = ("allowed_executables", "allowed_cwds")
 
 
 class FormError(TidegateError):
@@ -51,6 +66,11 @@ def parse_form(raw: Mapping[str, str]) -> ClientForm:
     }
     for flag in ("sensitive", "new_secret"):
         values[flag] = values.get(flag) in ("on", "true", "1")
+    # A checkbox that refuses: left unticked (or left out by an older page), shell stays allowed.
+    values["allow_shell"] = values.pop("no_shell", None) not in ("on", "true", "1")
+    for field in LIST_FIELDS:
+        if field in values:
+            values[field] = values[field].splitlines()
     return form_from(values, strict=False)
 
 
@@ -65,7 +85,13 @@ def form_from(values: Mapping[str, Any], *, strict: bool = True) -> ClientForm:
         raise FormError("callback transport must be none, http or nats")
     if form.transport == "http" and not form.callback_url:
         raise FormError("an HTTP callback needs a URL (http:// or https://)")
-    return form
+    executables = command_list(form.allowed_executables)
+    cwds = command_list(form.allowed_cwds)
+    try:
+        check_command_lists(executables, cwds)
+    except UsageError as exc:
+        raise FormError(str(exc)) from None
+    return msgspec.structs.replace(form, allowed_executables=executables, allowed_cwds=cwds)
 
 
 def _field_message(text: str) -> str:
@@ -87,6 +113,9 @@ def changes_of(form: ClientForm, current: ClientRecord | None) -> ClientChanges:
         callback_batch_max=form.callback_batch_max,
         callback_held_max=form.callback_held_max,
         buffer_max=form.buffer_max,
+        allowed_executables=form.allowed_executables,
+        allowed_cwds=form.allowed_cwds,
+        allow_shell=form.allow_shell,
     )
     if form.transport == "http":
         secret = form.callback_secret or (current.callback_secret if current else None)

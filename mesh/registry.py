@@ -16,7 +16,7 @@ from tidegate.errors import UsageError
 from tidegate.signing import new_secret
 from tidegate.store.store import ClientChanges, Store
 from tidegate.urlpolicy import Net, check_url_now
-from tidegate.wire import ClientRecord
+from tidegate.wire import ClientRecord, check_command_lists
 
 
 async def check_callback_url(url: str | None, allowed_nets: Sequence[Net]) -> None:
@@ -43,6 +43,7 @@ async def add_client(
     ceiling: int | None = None,
 ) -> ClientRecord:
     check_buffer_max(record.buffer_max, ceiling)
+    check_command_lists(record.allowed_executables, record.allowed_cwds)
     await check_callback_url(record.callback_url, allowed_nets)
     stored = await store.add_client(record)
     await publish_client(kv, stored)
@@ -70,6 +71,7 @@ async def change_client(
     **changes: Unpack[ClientChanges],
 ) -> ClientRecord:
     check_buffer_max(changes.get("buffer_max"), ceiling)
+    check_command_lists(changes.get("allowed_executables"), changes.get("allowed_cwds"))
     await check_callback_url(changes.get("callback_url"), allowed_nets)
     record = await store.update_client(name, **changes)
     await publish_client(kv, record)

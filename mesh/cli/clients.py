@@ -17,11 +17,17 @@ from tidegate.bus.quota import stream_ceiling
 from tidegate.cli.commands import Command
 from tidegate.cli.options import BUFFER_MAX_DEFAULT, settings_from
 from tidegate.endpoints import callback_nets, resolve_connection
-from tidegate.errors import InvalidTask
+from tidegate.errors import InvalidTask, UsageError
 from tidegate.registry import add_client, change_client
 from tidegate.signing import new_secret
-from tidegate.store.store import Store
-from tidegate.wire import DEFAULT_CALLBACK_HELD_MAX, NAME_RE, ClientRecord
+from tidegate.store.store import ClientChanges, Store
+from tidegate.wire import (
+    DEFAULT_CALLBACK_HELD_MAX,
+    NAME_RE,
+    ClientRecord,
+    check_command_lists,
+    command_list,
+)
 
 # What `client set` may change: the `ClientRecord` fields of its options.
 SETTABLE = (
@@ -60,6 +66,41 @@ def _registry(args: argparse.Namespace, command: Command, work: Work) -> int:
     return asyncio.run(main())
 
 
+def _command_policy(args: argparse.Namespace) -> ClientChanges:
+    """The command policy the options give (only what they name), checked before connecting."""
+    for listed, anything, flags in (
+        ("allowed_executables", "any_executable", "--allow-executable or --any-executable"),
+        ("allowed_cwds", "any_cwd", "--allow-cwd or --any-cwd"),
+    ):
+        if getattr(args, listed) and getattr(args, anything):
+            raise UsageError(f"give {flags}, not both")
+    changes = ClientChanges()
+    if args.any_executable:
+        changes["allowed_executables"] = None
+    elif args.allowed_executables:
+        changes["allowed_executables"] = command_list(args.allowed_executables)
+    if args.any_cwd:
+        changes["allowed_cwds"] = None
+    elif args.allowed_cwds:
+        changes["allowed_cwds"] = command_list(args.allowed_cwds)
+    if args.allow_shell is not None:
+        changes["allow_shell"] = args.allow_shell
+    check_command_lists(changes.get("allowed_executables"), changes.get("allowed_cwds"))
+    return changes
+
+
+def policy_text(r: ClientRecord) -> str:
+    """A client's command policy in one phrase of `client list`."""
+
+    def shown(entries: tuple[str, ...] | None) -> str:
+        return "any" if entries is None else ",".join(entries) or "none"
+
+    return (
+        f"executables={shown(r.allowed_executables)} cwds={shown(r.allowed_cwds)} "
+        f"shell={'yes' if r.allow_shell else 'no'}"
+    )
+
+
 def add(args: argparse.Namespace, command: Command) -> int:
     if not re.match(NAME_RE, args.name):
         raise InvalidTask(f"client name {args.name!r} must match {NAME_RE}")
@@ -68,6 +109,7 @@ def add(args: argparse.Namespace, command: Command) -> int:
     secret = args.callback_secret
     if args.callback_url and not secret:
         secret = new_secret()
+    policy = _command_policy(args)
     record = ClientRecord(
         name=args.name,
         sensitive=args.sensitive,
@@ -80,6 +122,9 @@ def add(args: argparse.Namespace, command: Command) -> int:
         callback_batch_max=args.callback_batch_max or 1,
         callback_held_max=args.callback_held_max or DEFAULT_CALLBACK_HELD_MAX,
         buffer_max=args.buffer_max or None,  # absent or `default`: the stream-wide quota
+        allowed_executables=policy.get("allowed_executables"),
+        allowed_cwds=policy.get("allowed_cwds"),
+        allow_shell=policy.get("allow_shell", True),
     )
 
     allowed = callback_nets(settings_from(args, command.options))
@@ -117,7 +162,10 @@ def list_(args: argparse.Namespace, command: Command) -> int:
             how = r.callback_url or ("nats" if r.callback_nats else "-")
             mode = "sensitive" if r.sensitive else "non-sensitive"
             quota = r.buffer_max if r.buffer_max is not None else f"default({ceiling})"
-            print(f"{r.name:<24} {mode:<14} callback={how} paused={r.paused} buffer_max={quota}")
+            print(
+                f"{r.name:<24} {mode:<14} callback={how} paused={r.paused} buffer_max={quota} "
+                + policy_text(r)
+            )
         return 0
 
     return _registry(args, command, work)
@@ -127,6 +175,7 @@ def set_(args: argparse.Namespace, command: Command) -> int:
     if args.callback_url and args.callback_nats:
         raise InvalidTask("give --callback-url or --callback-nats, not both")
     changes = {k: getattr(args, k) for k in SETTABLE if getattr(args, k) is not None}
+    changes |= _command_policy(args)
     if not changes:
         raise InvalidTask("nothing to change: give at least one option")
     if changes.get("buffer_max") == BUFFER_MAX_DEFAULT:
@@ -139,6 +188,9 @@ def set_(args: argparse.Namespace, command: Command) -> int:
         shown = {k: ("***" if k == "callback_secret" else v) for k, v in changes.items()}
         if "buffer_max" in shown and shown["buffer_max"] is None:
             shown["buffer_max"] = f"default({ceiling})"
+        for listed in ("allowed_executables", "allowed_cwds"):
+            if listed in shown:
+                shown[listed] = "any" if shown[listed] is None else ",".join(shown[listed])
         print(f"client {args.name} updated: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
         return 0
 

@@ -213,6 +213,37 @@ _LIMITS = (
         "submissions get BufferFull; `default`: TIDEGATE_CLIENT_BUFFER_MAX, also the ceiling",
     ),
 )
+# Its command policy, checked where its tasks are routed; a refused task ends `rejected`.
+_COMMAND_POLICY = (
+    opt(
+        "--allow-executable",
+        dest="allowed_executables",
+        action="append",
+        metavar="PATH",
+        help="an absolute path or glob argv[0] may be (/usr/bin/python3, '/opt/jobs/*', "
+        "'/opt/jobs/**'); repeat it: the list given replaces the current one, and argv[0] must "
+        "then be absolute (default: any executable)",
+    ),
+    opt("--any-executable", action="store_true", help="let it run any executable again"),
+    opt(
+        "--allow-cwd",
+        dest="allowed_cwds",
+        action="append",
+        metavar="DIR",
+        help="a directory its tasks' cwd must be in (or under); repeat it: the list given "
+        "replaces the current one, and tasks must then give a cwd (default: any)",
+    ),
+    opt("--any-cwd", action="store_true", help="let its tasks run in any directory again"),
+    opt(
+        "--shell",
+        dest="allow_shell",
+        action="store_true",
+        default=None,
+        help="allow `shell` tasks (the default); they run /bin/sh -c, so with "
+        "--allow-executable list /bin/sh too",
+    ),
+    opt("--no-shell", dest="allow_shell", action="store_false", help="refuse `shell` tasks"),
+)
 CLIENT_NAME = opt("name", help="the client system's name")
 CLIENT_ADD = (
     CLIENT_NAME,
@@ -228,6 +259,7 @@ CLIENT_ADD = (
         help="callback signing secret, Standard Webhooks (default: a new whsec_ one, printed)",
     ),
     *_LIMITS,
+    *_COMMAND_POLICY,
 )
 CLIENT_SET = (
     CLIENT_NAME,
@@ -255,6 +287,7 @@ CLIENT_SET = (
     opt("--pause", dest="paused", action="store_true", default=None, help="keep its tasks queued"),
     opt("--resume", dest="paused", action="store_false", help="start its tasks again"),
     *_LIMITS,
+    *_COMMAND_POLICY,
 )
 CLIENT_ROTATE = (
     CLIENT_NAME,

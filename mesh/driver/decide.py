@@ -27,6 +27,7 @@ from tidegate.wire import (
     Rejected,
     TaskClass,
     WorkItem,
+    command_refusal,
     decode_spec,
     encode,
     task_id,
@@ -146,6 +147,10 @@ def decide(
             f"Nats-Msg-Id {header_msg_id!r} does not match the task key; "
             f"use {names.msg_id(client, spec.key)!r}"
         )
+    # The client's command policy, as it is now: a change reaches the tasks routed after it.
+    refused = command_refusal(record, spec)
+    if refused is not None:
+        return reject(refused)
     tid = task_id(client, spec.key)
     pool = spec.pool or record.default_pool or settings.default_pool
     cls = task_class(spec.timeout_s, settings.short_max_timeout_s)

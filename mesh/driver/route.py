@@ -31,7 +31,7 @@ from tidegate.driver.decide import ClientLookup, Decision, Unroutable, decide, t
 from tidegate.driver.rounds import BoundSubscriptions, Strays, rotate
 from tidegate.errors import BufferFull
 from tidegate.metrics import DriverMetrics, count_dead_letter
-from tidegate.wire import NAME_RE, AnyEvent, now
+from tidegate.wire import COMMAND_POLICY, NAME_RE, AnyEvent, now
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +310,8 @@ class Router:
 def _reason_kind(event: AnyEvent) -> str:
     """A small fixed set of label values for the rejected counter (reasons themselves vary)."""
     reason = getattr(event, "reason", "")
+    if reason.startswith(COMMAND_POLICY):  # first: its reason repeats what the task asked for
+        return "command_policy"
     for marker, kind in (
         ("bytes; the limit", "oversized"),
         ("unknown client", "unknown_client"),

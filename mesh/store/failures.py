@@ -21,6 +21,10 @@ _CLIENT_CHECKS = {
     "clients_callback_batch_max_valid": "callback_batch_max must be 1 to 1000",
     "clients_callback_held_max_valid": "callback_held_max must be 1 to 1000000",
     "clients_buffer_max_valid": "buffer_max must be 1 or more (unset: TIDEGATE_CLIENT_BUFFER_MAX)",
+    "clients_allowed_executables_valid": "allowed_executables: at most 256 absolute paths, "
+    "without '..' or newlines",
+    "clients_allowed_cwds_valid": "allowed_cwds: at most 256 absolute paths, without '..' or "
+    "newlines",
 }
 
 

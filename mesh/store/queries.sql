@@ -127,11 +127,13 @@ GROUP BY state;
 -- name: add_client
 INSERT INTO clients (
     name, sensitive, callback_url, callback_nats, callback_secret, max_running,
-    max_submit_per_s, default_pool, paused, callback_batch_max, callback_held_max, buffer_max)
+    max_submit_per_s, default_pool, paused, callback_batch_max, callback_held_max, buffer_max,
+    allowed_executables, allowed_cwds, allow_shell)
 VALUES (
     %(name)s, %(sensitive)s, %(callback_url)s, %(callback_nats)s, %(callback_secret)s,
     %(max_running)s, %(max_submit_per_s)s, %(default_pool)s, %(paused)s,
-    %(callback_batch_max)s, %(callback_held_max)s, %(buffer_max)s)
+    %(callback_batch_max)s, %(callback_held_max)s, %(buffer_max)s,
+    %(allowed_executables)s, %(allowed_cwds)s, %(allow_shell)s)
 ON CONFLICT (name) DO NOTHING
 RETURNING *;
 
@@ -146,10 +148,12 @@ SELECT * FROM clients ORDER BY name;
 -- every other column from the current row, so one static statement serves any subset.
 UPDATE clients AS c SET
     (sensitive, callback_url, callback_nats, callback_secret, max_running, max_submit_per_s,
-     default_pool, paused, callback_batch_max, callback_held_max, buffer_max) =
+     default_pool, paused, callback_batch_max, callback_held_max, buffer_max,
+     allowed_executables, allowed_cwds, allow_shell) =
     (SELECT p.sensitive, p.callback_url, p.callback_nats, p.callback_secret, p.max_running,
             p.max_submit_per_s, p.default_pool, p.paused, p.callback_batch_max,
-            p.callback_held_max, p.buffer_max
+            p.callback_held_max, p.buffer_max, p.allowed_executables, p.allowed_cwds,
+            p.allow_shell
      FROM jsonb_populate_record(c, %(changes)s::jsonb) AS p),
     updated_at = now()
 WHERE c.name = %(name)s

@@ -301,6 +301,9 @@ class ClientChanges(TypedDict, total=False):
     callback_batch_max: int
     callback_held_max: int
     buffer_max: int | None
+    allowed_executables: tuple[str, ...] | None
+    allowed_cwds: tuple[str, ...] | None
+    allow_shell: bool
 
 
 class ClientHealth(Struct, frozen=True, kw_only=True):

@@ -322,6 +322,9 @@ class Store:
     async def add_client(self, client: ClientRecord) -> ClientRecord:
         """Register a client; returns it as stored (with its timestamps)."""
         params = msgspec.structs.asdict(client)
+        for column in ("allowed_executables", "allowed_cwds"):  # psycopg: a list is an array
+            if params[column] is not None:
+                params[column] = list(params[column])
         row = await self.fetch_one(Q.add_client, params, what=f"add client {client.name!r}")
         if row is None:
             raise StoreError(

@@ -35,6 +35,12 @@ from tidegate.wire.callbacks import Callback, decode_callback, decode_callbacks
 from tidegate.wire.cancel import CancelRequest, decode_cancel
 from tidegate.wire.clients import DEFAULT_CALLBACK_HELD_MAX, ClientRecord
 from tidegate.wire.codec import encode
+from tidegate.wire.command_policy import (
+    COMMAND_POLICY,
+    check_command_lists,
+    command_list,
+    command_refusal,
+)
 from tidegate.wire.events import (
     FINISHED_BY_STATE,
     STATE_RANK,
@@ -90,6 +96,7 @@ from tidegate.wire.work import WorkItem, decode_work_item
 
 __all__ = [
     "API_OPS",
+    "COMMAND_POLICY",
     "DEFAULT_CALLBACK_HELD_MAX",
     "EARLIEST_TIME",
     "FINISHED_BY_STATE",
@@ -142,8 +149,11 @@ __all__ = [
     "TimedOut",
     "UnknownEventState",
     "WorkItem",
+    "check_command_lists",
     "check_spec",
     "check_time",
+    "command_list",
+    "command_refusal",
     "decode_callback",
     "decode_callbacks",
     "decode_cancel",

@@ -41,6 +41,12 @@ class ClientRecord(Struct, frozen=True, kw_only=True):
     # signs too, so a receiver still holding it verifies (migration 0011).
     callback_secret_previous: str | None = None
     callback_secret_previous_until: datetime | None = None
+    # Its command policy (migration 0012; `tidegate.wire.command_policy`), checked where its
+    # tasks are routed: absolute paths or globs `argv[0]` must match, directories `cwd` must be
+    # under, and whether `shell` may run. None: any; the defaults allow what they always did.
+    allowed_executables: tuple[str, ...] | None = None
+    allowed_cwds: tuple[str, ...] | None = None
+    allow_shell: bool = True
     created_at: datetime | None = None  # set by the database
     updated_at: datetime | None = None
 
