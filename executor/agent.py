@@ -35,7 +35,7 @@ from tidegate.bus.buckets import Buckets
 from tidegate.bus.publish import Publisher
 from tidegate.bus.pull import first_message, take_available
 from tidegate.bus.topology import ensure_work_consumer
-from tidegate.config import ExecutorSettings, Limits
+from tidegate.config import ExecutorSettings, Limits, Settings
 from tidegate.executor import tasklogs
 from tidegate.executor.cancels import CancelMirror, cancel_requested
 from tidegate.executor.process import ProcessLimits, run_process
@@ -47,6 +47,7 @@ from tidegate.executor.reports import (
     running_event,
 )
 from tidegate.executor.settle import Settler, settled_anyway
+from tidegate.executor.taskenv import TaskLaunch
 from tidegate.executor.workmsg import (
     Slot,
     ack,
@@ -94,6 +95,7 @@ class Executor:
         log_dir: Path | None = None,
         clients: Callable[[str], ClientRecord | None] = lambda _name: None,
         watch_cancels: bool = False,
+        launch: TaskLaunch | None = None,
     ) -> None:
         self._js = js
         self._publisher = publisher
@@ -103,6 +105,9 @@ class Executor:
         self._metrics = metrics
         self._log_dir = log_dir
         self._clients = clients
+        # How tasks start (environment, user, limits): decided once, here or by the caller,
+        # which also knows the server URLs that must never reach a task.
+        self._launch = launch or TaskLaunch.from_settings(Settings(executor=settings))
         self.id = settings.executor_id or default_executor_id()
         # Every attempt held here, keyed by run: running, or ended and being settled.
         self.running: dict[str, Slot] = {}
@@ -317,7 +322,9 @@ class Executor:
         result = await run_process(
             item.spec,
             limits=self._process_limits,
-            base_env=os.environ,
+            base_env=self._launch.base_env,
+            wrapper=self._launch.wrapper,
+            run_as=self._launch.run_as,
             log_path=self._log_path(slot),
             open_log=self._logs.open if self._logs is not None else None,
             cancel=slot.cancel,

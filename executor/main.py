@@ -16,7 +16,8 @@ from tidegate.executor.agent import Executor
 from tidegate.executor.control import ControlFollower
 from tidegate.executor.logserver import LogServer
 from tidegate.executor.spawn import use_pidfd_watcher
-from tidegate.executor.tasklogs import prune_loop
+from tidegate.executor.taskenv import TaskLaunch, keep_environ_private
+from tidegate.executor.tasklogs import make_private_root, prune_loop
 from tidegate.metrics import ExecutorMetrics, serve
 from tidegate.supervise import Supervisor
 from tidegate.wire import ClientRecord
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
     conn, ex = settings.connection, settings.executor
+    # Before anything else: a setting the executor cannot honour stops it here, not a task.
+    launch = TaskLaunch.from_settings(settings)
+    keep_environ_private()
     if ex.pidfd_watcher:
         use_pidfd_watcher(asyncio.get_running_loop())
     nc = await connect(conn.nats_url, f"tidegate-executor-{ex.pool}")
@@ -36,6 +40,7 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
         serve(metrics.registry, ex.metrics_port)
     publisher = Publisher(nc)
     log_dir = conn.data_dir / "task-logs"
+    make_private_root(log_dir)
     clients: KvMirror[ClientRecord] = KvMirror(buckets.clients, decode_client, name="clients")
     agent = Executor(
         js,
@@ -47,6 +52,7 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
         log_dir=log_dir,
         clients=clients.get,
         watch_cancels=True,
+        launch=launch,
     )
     control = ControlFollower(buckets.executor_control, agent)
     await control.load()
@@ -62,6 +68,7 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
     sup.start("fetch-short", lambda: agent.fetch_loop("short"))
     sup.start("fetch-long", lambda: agent.fetch_loop("long"))
     log.info("executor %s serving pool %s with %d slots", agent.id, ex.pool, ex.slots)
+    log.info("executor %s: %s", agent.id, launch.describe())
     await _first_of(stop, control.drain_requested)
     log.info("executor %s: stopping", agent.id)
     await agent.drain()

@@ -21,9 +21,14 @@ from pathlib import Path
 from typing import BinaryIO, Final, Literal
 
 from tidegate.errors import TidegateError
+from tidegate.executor import taskenv
+from tidegate.executor.tasklogs import DIR_MODE, create_log
+from tidegate.executor.taskwrap import NO_WRAPPER, RunAs, Wrapper
 from tidegate.wire import TaskSpec
 
 Outcome = Literal["succeeded", "failed", "timed_out", "cancelled"]
+
+_HEAD_BYTES: Final = 512
 
 # A descendant that keeps the output pipe open (one that escaped the group) must not hold the
 # runner: after the leader exits, output is read only this long.
@@ -69,6 +74,7 @@ class _Output:
         self._logged = 0
         self._truncated = False
         self._last_logged = b"\n"
+        self._head = b""  # the start of the output: a wrapper's own start error is there
         self.total = 0
 
     def note(self, text: str) -> None:
@@ -76,6 +82,8 @@ class _Output:
         self._keep_tail(f"[tidegate: {text}]\n".encode())
 
     def feed(self, data: bytes) -> None:
+        if len(self._head) < _HEAD_BYTES:
+            self._head += data[: _HEAD_BYTES - len(self._head)]
         self.total += len(data)
         if self._opener is not None and data:
             opener, self._opener = self._opener, None
@@ -120,6 +128,9 @@ class _Output:
             except OSError as exc:
                 self.note(f"log close failed: {exc}")
             self._log = None
+
+    def first_line(self) -> str:
+        return self._head.split(b"\n", 1)[0].decode("utf-8", errors="replace")
 
     def tail(self) -> str:
         tail = bytes(self._tail)
@@ -176,8 +187,8 @@ async def _stop_group(pgid: int, exited: asyncio.Event, grace_s: float) -> str:
 
 
 def _open_log(path: Path) -> BinaryIO:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("wb")
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    return create_log(path)
 
 
 # A start that fails for want of the host's resources says nothing about the task: the host is
@@ -204,6 +215,8 @@ def _launch_error(exc: OSError | ValueError, spec: TaskSpec) -> str:
 def _exit_reason(code: int) -> str:
     if code >= 0:
         return f"exit code {code}"
+    if code == -signal.SIGXCPU:
+        return "killed by signal SIGXCPU: over its CPU time limit"
     try:
         return f"killed by signal {signal.Signals(-code).name}"
     except ValueError:
@@ -231,9 +244,13 @@ async def run_process(
     cancel_reason: Callable[[], str] | None = None,
     on_start: Callable[[int], None] | None = None,
     open_log: Callable[[Path], BinaryIO] | None = None,
+    wrapper: Wrapper = NO_WRAPPER,
+    run_as: RunAs | None = None,
 ) -> ProcessResult:
     """Run `spec` to its end; task-caused problems come back as a result, never as an error.
 
+    `base_env` is what the task gets besides its own `env` (taskenv.TaskLaunch: built once);
+    `run_as` the user it runs as (None: the executor's), `wrapper` how (taskwrap.Wrapper).
     `open_log` opens the log file on the loop (tasklogs.LogFiles), once the task prints
     something; without it the file and its directory are made in a worker thread first."""
     started_at = _now()
@@ -272,18 +289,31 @@ async def run_process(
         argv = ["/bin/sh", "-c", spec.shell] if spec.shell is not None else spec.argv or []
         if not argv:
             return finish("failed", None, "cannot start: no argv or shell command given")
+        refused = taskenv.refusal(spec.env)
+        if refused is None and run_as is not None and spec.cwd is not None:
+            refused = taskenv.cwd_refusal(spec.cwd, run_as)
+        if refused is not None:
+            return finish("failed", None, refused)
+        if spec.env:
+            env: Mapping[str, str] | None = {**base_env, **spec.env}
+        else:
+            # Shared by every task, not copied; the executor's own environment is inherited
+            # as it is (only callers that pass os.environ itself, such as tests).
+            env = None if base_env is os.environ else base_env
+        in_front, user_args = wrapper.for_task(run_as, spec.env)
         loop = asyncio.get_running_loop()
         spawn = asyncio.ensure_future(
             loop.subprocess_exec(
                 lambda: _Protocol(output),
+                *in_front,
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                # The executor's own environment is inherited as it is, not copied per task.
-                env=None if base_env is os.environ and not spec.env else {**base_env, **spec.env},
+                env=env,
                 cwd=spec.cwd,
+                **user_args,
             )
         )
         try:
@@ -337,6 +367,9 @@ async def run_process(
             return finish("cancelled", code, cancelled_reason())
         if code == 0:
             return finish("succeeded", 0, "exit code 0")
+        launch_error = wrapper.launch_error(code, output.first_line())
+        if launch_error is not None:
+            return finish("failed", code, launch_error)
         return finish("failed", code, _exit_reason(code) if code is not None else "exit unknown")
     finally:
         output.close()

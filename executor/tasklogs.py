@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,24 @@ from typing import BinaryIO
 log = logging.getLogger(__name__)
 
 _HOUR_FORMAT = "%Y%m%d%H"
+
+# A task's output is its client's business: readable by the executor's user only (the log
+# server reads it for the console), never by the tasks of other clients on the same host.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def create_log(path: Path) -> BinaryIO:
+    """A new (or emptied) log file, private to this user."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
+def make_private_root(root: Path) -> None:
+    """The log directory, private whatever it was before: files written by an earlier version
+    were readable by everyone, and are no longer reachable through it."""
+    root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(root, DIR_MODE)
 
 
 class LogFiles:
@@ -34,14 +53,14 @@ class LogFiles:
     def open(self, path: Path) -> BinaryIO:
         folder = path.parent
         if folder not in self._made:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             self._made = [*self._made[-(self._KEEP - 1) :], folder]
         try:
-            return path.open("wb")
+            return create_log(path)
         except FileNotFoundError:
             # Removed meanwhile (by hand, or retention set shorter than an hour): make it again.
-            folder.mkdir(parents=True, exist_ok=True)
-            return path.open("wb")
+            folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            return create_log(path)
 
 
 def log_path(root: Path, task_id: str, attempt: int, at: datetime) -> Path:

@@ -137,6 +137,17 @@ class ExecutorSettings:
     task_log_retention_h: float = 48.0  # task log files older than this are removed
     metrics_port: int | None = None
     pidfd_watcher: bool = True  # Linux: reap task processes through pidfds, not a thread each
+    # What this pool's tasks get (executor/taskenv.py). The executor's variables a task sees:
+    # comma-separated names, `LC_*` for a prefix; empty: the default list (PATH, HOME, LANG, …).
+    # Never the engine's TIDEGATE_* variables or its server URLs, whatever this says.
+    task_env_allow: str = ""
+    # The user tasks run as: empty means `nobody` when the executor runs as root, else the
+    # executor's own user (only root can start processes as another user).
+    task_user: str = ""
+    # Limits of each task's process; None: the executor's own, inherited.
+    task_rlimit_cpu_s: int | None = None  # CPU seconds: SIGXCPU, then SIGKILL after kill grace
+    task_rlimit_as_mb: int | None = None  # address space (memory) in MiB
+    task_rlimit_nofile: int | None = None  # open files
 
 
 @dataclass(frozen=True, kw_only=True)

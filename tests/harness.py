@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -37,6 +38,10 @@ FAST_ENV = {
     "TIDEGATE_LOG_LEVEL": "INFO",
     # The tests' callback receivers listen on loopback, which production refuses by default.
     "TIDEGATE_CALLBACK_ALLOW_NETS": "127.0.0.0/8",
+    # Tasks write their side effects into the test's private temporary directories: they run
+    # as the suite's own user, not as `nobody` (what a root executor does by default; the
+    # isolation tests start theirs with TIDEGATE_TASK_USER="" for that).
+    "TIDEGATE_TASK_USER": pwd.getpwuid(os.geteuid()).pw_name,
 }
 
 

@@ -180,6 +180,35 @@ EXECUTOR = (
         setting="executor.metrics_port",
         help="serve /metrics on this loopback port (0: any free port)",
     ),
+    opt(
+        "--task-env-allow",
+        setting="executor.task_env_allow",
+        help="the executor's variables its tasks see, comma-separated (`LC_*` for a prefix; "
+        "default PATH,HOME,USER,LOGNAME,LANG,LANGUAGE,LC_*,TZ,TMPDIR,SHELL,TERM); never TIDEGATE_*",
+    ),
+    opt(
+        "--task-user",
+        setting="executor.task_user",
+        help="user its tasks run as (default: nobody when run as root, else its own user)",
+    ),
+    opt(
+        "--task-rlimit-cpu-s",
+        type=positive_int,
+        setting="executor.task_rlimit_cpu_s",
+        help="CPU seconds per task process (default: inherited)",
+    ),
+    opt(
+        "--task-rlimit-as-mb",
+        type=positive_int,
+        setting="executor.task_rlimit_as_mb",
+        help="address space (memory) per task process, MiB (default: inherited)",
+    ),
+    opt(
+        "--task-rlimit-nofile",
+        type=positive_int,
+        setting="executor.task_rlimit_nofile",
+        help="open files per task process (default: inherited)",
+    ),
 )
 CONSOLE = (
     opt("--host", default="127.0.0.1", help="address to listen on"),

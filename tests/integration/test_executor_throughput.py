@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
-from harness import Cluster, wait_for
+from harness import FAST_ENV, Cluster, wait_for
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -207,7 +207,9 @@ async def test_sigkill_after_exits_never_leaves_an_acked_task_unreported(
 async def test_a_cancel_stored_before_the_task_starts_stops_it_without_a_read(
     nc: NATS, tmp_path: Path
 ) -> None:
-    settings = Settings.from_env({"TIDEGATE_WORK_ACK_WAIT_S": "3"})
+    # Its task touches a file in the test's own directory: it runs as the suite's user.
+    task_user = FAST_ENV["TIDEGATE_TASK_USER"]
+    settings = Settings.from_env({"TIDEGATE_WORK_ACK_WAIT_S": "3", "TIDEGATE_TASK_USER": task_user})
     js = nc.jetstream()
     buckets = await ensure_all(js, settings.limits)
     ran = tmp_path / "ran"
