@@ -12,7 +12,9 @@ COPY executor ./executor
 COPY console ./console
 COPY templates ./templates
 COPY migrations ./migrations
-RUN pip install . && rm -rf /src
+# The server and console extras: drivers, executors and the console need them (the bare
+# package is the client SDK alone), and `nats-config` hashes passwords with bcrypt.
+RUN pip install '.[server,console]' && rm -rf /src
 
 # Components (and the tasks an executor runs) do not need root.
 RUN useradd --create-home --uid 10001 tidegate && mkdir /data && chown tidegate /data
