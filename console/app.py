@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -66,6 +67,7 @@ from tidegate.console.security import (
 )
 from tidegate.console.sessions import STORE_NAME, SessionStore
 from tidegate.console.submitter import Submitter
+from tidegate.errors import ConfigError
 from tidegate.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -224,17 +226,43 @@ def create_app(settings: Settings, access: AccessConfig | None = None) -> Litest
     )
 
 
+def check_tls_files(cert: str, key: str) -> None:
+    """Fail at start, saying what to fix, rather than with uvicorn's traceback."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"the console cannot use TIDEGATE_CONSOLE_TLS_CERT={cert} with "
+            f"TIDEGATE_CONSOLE_TLS_KEY={key} ({exc}): give a readable PEM certificate and "
+            "its private key"
+        ) from None
+
+
 def serve_console(settings: Settings, *, host: str = "127.0.0.1", port: int = 8700) -> int:
-    """Serve the console with uvicorn until SIGINT/SIGTERM; 1 if it could not start."""
-    if host not in LOOPBACK:
+    """Serve the console with uvicorn until SIGINT/SIGTERM; 1 if it could not start.
+
+    With TIDEGATE_CONSOLE_TLS_CERT and _KEY it serves HTTPS itself; its cookies are then
+    `Secure` (security.security_headers sees the `https` scheme uvicorn sets)."""
+    tls = settings.console
+    if tls.console_tls_cert:
+        check_tls_files(tls.console_tls_cert, tls.console_tls_key)
+    elif host not in LOOPBACK:
         log.warning(
-            "the console listens on %s:%d in plain HTTP: put a TLS proxy in front of it "
+            "the console listens on %s:%d in plain HTTP: set TIDEGATE_CONSOLE_TLS_CERT and "
+            "TIDEGATE_CONSOLE_TLS_KEY, or put a TLS proxy in front of it "
             "(passwords and session cookies cross the network)",
             host,
             port,
         )
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn.Config(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level="info",
+            ssl_certfile=tls.console_tls_cert or None,
+            ssl_keyfile=tls.console_tls_key or None,
+        )
     )
     server.run()
     return 0 if server.started else 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import logging
 import re
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,10 +33,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from tidegate import names
-from tidegate.bus.natsconn import connect
+from tidegate.bus.natsconn import connect, url_user
 from tidegate.bus.publish import DEFAULT_WINDOW, Outgoing, PubAck, Publisher
-from tidegate.bus.quota import QuotaGate
+from tidegate.bus.quota import Grant, QuotaGate
 from tidegate.bus.submit import task_message, task_messages
+from tidegate.embedded.natsauth import CLIENT_USER_PREFIX
 from tidegate.errors import (
     ApiRefused,
     ApiUnavailable,
@@ -100,6 +102,7 @@ class TidegateClient:
         retries: int = 3,
         max_task_bytes: int = DEFAULT_MAX_TASK_BYTES,
         owns_connection: bool = False,
+        check_quota: bool = True,
     ) -> None:
         if not re.match(NAME_RE, client):
             raise InvalidTask(f"client name {client!r} must match {NAME_RE}")
@@ -110,13 +113,51 @@ class TidegateClient:
         self._timeout = timeout
         self._publisher = Publisher(nc, timeout=timeout, retries=retries)
         self._streams: set[CallbackStream] = set()
-        # The client's own quota (`buffer_max`), which JetStream cannot hold: checked here.
-        self._quota = QuotaGate(nc.jetstream())
+        # The client's own quota (`buffer_max`), which JetStream cannot hold: checked here,
+        # when this connection may read the registry (a client's own credentials may not: the
+        # router holds the quota then, and the stream-wide ceiling still refuses).
+        self._quota = QuotaGate(nc.jetstream()) if check_quota else None
 
     @classmethod
-    async def connect(cls, url: str, client: str, **options: float) -> TidegateClient:
-        nc = await connect(url, f"tidegate-client-{client}")
-        return cls(nc, client, owns_connection=True, **options)  # type: ignore[arg-type]
+    async def connect(
+        cls,
+        url: str,
+        client: str,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        inbox_prefix: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        **options: float,
+    ) -> TidegateClient:
+        """Connect as `client`. Where the server has users (`tidegate client add NAME --json`
+        printed them), give its `user`, `password` and `inbox_prefix`, or put the user and
+        password in the URL (`nats://user:password@host:4222`: the inbox prefix is then
+        derived from the user).
+
+        TLS: a `tls://` URL verifies the server against the system's CAs; `tls` is your own
+        context (a private CA, a client certificate for mutual TLS), given to nats-py as is.
+        Without it, TIDEGATE_NATS_TLS_CA/_CERT/_KEY apply when set."""
+        creds: dict[str, str] = {}
+        if user is not None:
+            creds["user"] = user
+        if password is not None:
+            creds["password"] = password
+        who = user or url_user(url)
+        if inbox_prefix is None and who is not None:
+            inbox_prefix = names.inbox_prefix(who)
+        if inbox_prefix is not None:
+            creds["inbox_prefix"] = inbox_prefix
+        nc = await connect(url, f"tidegate-client-{client}", tls=tls, **creds)
+        # A client system's own credentials allow no registry read (natsauth.py).
+        as_client = who is not None and who.startswith(CLIENT_USER_PREFIX)
+        return cls(
+            nc,
+            client,
+            owns_connection=True,
+            check_quota=not as_client,
+            **options,  # type: ignore[arg-type]
+        )
 
     def prepare(self, spec: TaskSpec) -> Outgoing:
         """Validate and encode one task; raises `InvalidTask` with the reason."""
@@ -129,16 +170,16 @@ class TidegateClient:
         """Submit one task; raises `BufferFull` when this client is at its quota of waiting
         tasks (its own `buffer_max`, or the stream-wide one), `SubmitError` without a PubAck."""
         out = self.prepare(spec)
-        grant = await self._quota.take(self.client, 1)
+        grant = await self._take(1)
         if not grant.allowed:
             raise BufferFull(grant.reason)
         try:
             ack = await self._publisher.publish(out)
         except Exception:
-            self._quota.give_back(self.client, grant, 1)
+            self._give_back(grant, 1)
             raise
         if ack.duplicate:
-            self._quota.give_back(self.client, grant, 1)
+            self._give_back(grant, 1)
         return self._receipt(spec, ack)
 
     async def submit_many(
@@ -173,12 +214,11 @@ class TidegateClient:
         outgoing = task_messages(self.client, batch, max_task_bytes=self._max_bytes)
         # Beyond the client's own quota the last tasks are refused, as JetStream refuses
         # those beyond the stream-wide one.
-        grant = await self._quota.take(self.client, len(outgoing))
+        grant = await self._take(len(outgoing))
         published = await self._publisher.publish_many(
             outgoing[: grant.allowed], max_in_flight=max_in_flight
         )
-        self._quota.give_back(
-            self.client,
+        self._give_back(
             grant,
             sum(1 for r in published if not isinstance(r, PubAck) or r.duplicate),
         )
@@ -192,6 +232,15 @@ class TidegateClient:
             else SubmitError(f"{s.key}: {r}")
             for s, r in zip(batch, results, strict=True)
         ]
+
+    async def _take(self, wanted: int) -> Grant:
+        if self._quota is None:
+            return Grant(allowed=wanted)
+        return await self._quota.take(self.client, wanted)
+
+    def _give_back(self, grant: Grant, count: int) -> None:
+        if self._quota is not None:
+            self._quota.give_back(self.client, grant, count)
 
     # --- reading and cancelling its own tasks (tg.api.<client>.<op>) ---------------------------
 

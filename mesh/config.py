@@ -30,6 +30,42 @@ class Connection:
     nats_url: str = ""
     database_url: str = ""
     data_dir: Path = Path("tidegate-data")
+    # TLS to NATS: a CA bundle that verifies the server (set, or a `tls://` URL, means TLS),
+    # and a client certificate and key for mutual TLS. Environment only: every connection,
+    # the SDK's included, reads them where it is made (mesh/bus/natstls.py `from_env`).
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+
+    def __post_init__(self) -> None:
+        _both_or_neither(
+            "TIDEGATE_NATS_TLS_CERT", self.nats_tls_cert, "TIDEGATE_NATS_TLS_KEY", self.nats_tls_key
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsoleSettings:
+    """The console's own HTTPS: a certificate (chain) and its private key, as PEM files."""
+
+    console_tls_cert: str = ""
+    console_tls_key: str = ""
+
+    def __post_init__(self) -> None:
+        _both_or_neither(
+            "TIDEGATE_CONSOLE_TLS_CERT",
+            self.console_tls_cert,
+            "TIDEGATE_CONSOLE_TLS_KEY",
+            self.console_tls_key,
+        )
+
+
+def _both_or_neither(cert_var: str, cert: str, key_var: str, key: str) -> None:
+    if bool(cert) != bool(key):
+        given, missing = (cert_var, key_var) if cert else (key_var, cert_var)
+        raise ConfigError(
+            f"{given} is set but {missing} is not: give both (the certificate and its private "
+            "key, as PEM files) or neither"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +192,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     driver: DriverSettings = field(default_factory=DriverSettings)
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -73,6 +73,22 @@ def callback_nets(settings: Settings) -> tuple[Net, ...]:
     return parse_nets(value) if isinstance(value, str) else ()
 
 
+def nats_users_dir(settings: Settings) -> Path | None:
+    """Where the NATS users of this deployment are kept (natsauth.py): those of the running
+    `tidegate up` (endpoints.json names its `auth.conf`), else `DATA_DIR/nats` if an operator
+    keeps an existing cluster's users there; None: the server's users are not Tidegate's."""
+    try:
+        found = json.loads(endpoints_path(settings.connection.data_dir).read_text())
+    except (OSError, ValueError):
+        found = None
+    if isinstance(found, dict) and "nats_auth" in found:
+        auth = found["nats_auth"]  # null: that `up` runs without users (--no-nats-auth)
+        conf = auth.get("auth_conf") if isinstance(auth, dict) else None
+        return Path(conf).parent if isinstance(conf, str) and conf else None
+    own = settings.connection.data_dir / "nats"
+    return own if (own / "users.json").exists() else None
+
+
 def with_connection(settings: Settings) -> Settings:
     """`settings` with the servers resolved as `resolve_connection` does."""
     return settings.replace(connection=resolve_connection(settings))

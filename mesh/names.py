@@ -275,6 +275,12 @@ def client_api_filter(client: str) -> str:
     return f"tg.api.{client}.>"
 
 
+def inbox_prefix(user: str) -> str:
+    """The reply inbox of one NATS user (`inbox_prefix` when connecting): with permissions,
+    a connection may subscribe only to its own replies, never to `_INBOX.>` (everyone's)."""
+    return f"_INBOX_{user}"
+
+
 def parse_api_subject(subject: str) -> tuple[str, str] | None:
     """(client, op) of a `tg.api.<client>.<op>` subject, None for anything else."""
     parts = subject.split(".")

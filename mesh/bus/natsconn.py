@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from nats.aio.client import Client as NATS
+
+from tidegate import names
+from tidegate.bus import natstls
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +21,32 @@ def servers(url: str) -> list[str]:
     return [u.strip() for u in url.split(",") if u.strip()]
 
 
+def redact(url: str) -> str:
+    """The URL fit to log: a password in it replaced by `***` (endpoints.redact does more,
+    but imports what the SDK alone does not install)."""
+    return re.sub(r"(://[^:/@,]*:)[^@,]*@", r"\1***@", url)
+
+
+def url_user(url: str) -> str | None:
+    """The user named in the first server's URL (`nats://user:password@host`), if any (a
+    URL with a token, `nats://token@host`, names none)."""
+    first = servers(url)[:1]
+    parts = urlsplit(first[0]) if first else None
+    if parts is None or not parts.username or parts.password is None:
+        return None
+    return unquote(parts.username)
+
+
 async def connect(url: str, name: str, **options: Any) -> NATS:
-    """A connection that never gives up reconnecting (nats-py's default stops after ~2 min)."""
+    """A connection that never gives up reconnecting (nats-py's default stops after ~2 min).
+
+    A URL with a user in it connects with that user's own reply inbox (`names.inbox_prefix`):
+    with per-user permissions nobody may subscribe to everyone's `_INBOX.>`."""
+    user = url_user(url)
+    if user is not None:
+        options.setdefault("inbox_prefix", names.inbox_prefix(user))
+    if options.get("tls") is None:  # TIDEGATE_NATS_TLS_*, unless the caller brought its own
+        options["tls"] = natstls.from_env()
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats (%s): %s", name, exc)
@@ -26,7 +55,7 @@ async def connect(url: str, name: str, **options: Any) -> NATS:
 
     async def on_disconnect() -> None:
         if not (nc.is_closed or nc.is_draining):  # our own close is not news
-            log.warning("nats (%s): disconnected from %s; reconnecting", name, url)
+            log.warning("nats (%s): disconnected from %s; reconnecting", name, redact(url))
 
     async def on_reconnect() -> None:
         log.info("nats (%s): reconnected", name)
@@ -42,4 +71,5 @@ async def connect(url: str, name: str, **options: Any) -> NATS:
         reconnected_cb=on_reconnect,
         **options,
     )
+    await natstls.require_tls(nc, url, options["tls"])
     return nc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 from collections.abc import Awaitable, Callable
 
@@ -14,6 +15,7 @@ from tidegate.bus.buckets import ensure_buckets
 from tidegate.bus.clients import RegistryBuckets
 from tidegate.bus.natsconn import connect
 from tidegate.bus.quota import stream_ceiling
+from tidegate.cli import natsusers
 from tidegate.cli.commands import Command
 from tidegate.cli.options import BUFFER_MAX_DEFAULT, settings_from
 from tidegate.endpoints import callback_nets, resolve_connection
@@ -131,9 +133,17 @@ def add(args: argparse.Namespace, command: Command) -> int:
 
     async def work(store: Store, kv: RegistryBuckets, ceiling: int) -> int:
         await add_client(store, kv, record, allowed_nets=allowed, ceiling=ceiling)
+        # Its own NATS user (beside a `tidegate up` with users): shown once, like the secret.
+        creds = await natsusers.issue(settings_from(args, command.options), args.name)
+        if args.json:
+            generated = secret if secret and not args.callback_secret else None
+            shown = natsusers.credentials_json(creds, args.name)
+            print(json.dumps(shown | {"callback_secret": generated}))
+            return 0
         print(f"client {args.name} added")
         if secret and not args.callback_secret:
             print(f"callback secret (verify the webhook-signature header with it): {secret}")
+        natsusers.print_credentials(creds)
         return 0
 
     return _registry(args, command, work)

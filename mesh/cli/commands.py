@@ -63,6 +63,20 @@ COMMANDS: Sequence[Command] = (
         o.CLIENT_SET,
     ),
     Command(
+        ("client", "credentials"),
+        "give a client system new NATS credentials (printed once), or --revoke them",
+        _h("natsusers", "credentials"),
+        SERVER,
+        o.CLIENT_CREDENTIALS,
+    ),
+    Command(
+        ("nats-config",),
+        "print the NATS `authorization` block (users, permissions) for an existing cluster",
+        _h("natsusers", "nats_config"),
+        SERVER,
+        o.NATS_CONFIG,
+    ),
+    Command(
         ("client", "rotate-secret"),
         "give a client a new callback secret; the old one still signs during an overlap",
         _h("clients", "rotate_secret"),

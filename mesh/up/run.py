@@ -17,11 +17,12 @@ import nats
 from tidegate.bus.natsconn import servers
 from tidegate.bus.topology import ensure_all
 from tidegate.config import Settings
+from tidegate.embedded.natsauth import client_user
 from tidegate.embedded.servers import free_port
 from tidegate.endpoints import OperatorLogin, endpoints_path, write_endpoints
 from tidegate.errors import ConfigError
 from tidegate.up.announce import banner, endpoints
-from tidegate.up.demo import demo_loop
+from tidegate.up.demo import DEMO_CLIENT, demo_loop
 from tidegate.up.prepare import check_port_free, prepare, take_lock
 from tidegate.up.servers import ServerGaveUp, Servers
 from tidegate.up.supervisor import Children, stop_stale_children
@@ -38,7 +39,14 @@ NO_NATS_GRACE_S = 3.0
 
 class Up:
     def __init__(
-        self, settings: Settings, *, executors: int, console_port: int, slots: int, demo: bool
+        self,
+        settings: Settings,
+        *,
+        executors: int,
+        console_port: int,
+        slots: int,
+        demo: bool,
+        nats_auth: bool = True,
     ) -> None:
         if executors < 0:
             raise ConfigError(f"--executors must be 0 or more, not {executors}")
@@ -54,6 +62,8 @@ class Up:
             self.data_dir,
             nats_url=settings.connection.nats_url,
             database_url=settings.connection.database_url,
+            nats_auth=nats_auth,
+            auth_clients=(DEMO_CLIENT,),
         )
         self.children: Children | None = None
         self.stopping = asyncio.Event()
@@ -114,12 +124,13 @@ class Up:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.operator = await prepare(
-            self.servers.nats_url, self.servers.database_url, self.settings
+            self.servers.url_for("operator"), self.servers.database_url, self.settings
         )
         self.children = self._plan_children()
         self.children.on_change = self._write_endpoints
         self.children.start_all()
-        demo = asyncio.create_task(demo_loop(self.servers.nats_url)) if self.demo else None
+        demo_url = self.servers.url_for(client_user(DEMO_CLIENT))
+        demo = asyncio.create_task(demo_loop(demo_url)) if self.demo else None
         try:
             await self._wait_console()
             if not self.stopping.is_set():
@@ -168,7 +179,15 @@ class Up:
         children = Children(self.data_dir, env)
         # Each component its own /metrics port, fixed for the run so a restart keeps it.
         self.metrics_ports["driver"] = free_port()
-        children.add("driver", "driver", "--metrics-port", str(self.metrics_ports["driver"]))
+        # Each kind of component connects as itself, with only its own permissions.
+        url = self.servers.url_for
+        children.add(
+            "driver",
+            "driver",
+            "--metrics-port",
+            str(self.metrics_ports["driver"]),
+            env={"TIDEGATE_NATS_URL": url("driver")},
+        )
         for i in range(self.executors):
             name = f"exec-{i}"
             self.metrics_ports[name] = free_port()
@@ -183,8 +202,15 @@ class Up:
                 name,
                 "--metrics-port",
                 str(self.metrics_ports[name]),
+                env={"TIDEGATE_NATS_URL": url("executor")},
             )
-        children.add("console", "console", "--port", str(self.console_port))
+        children.add(
+            "console",
+            "console",
+            "--port",
+            str(self.console_port),
+            env={"TIDEGATE_NATS_URL": url("console")},
+        )
         return children
 
     async def _wait_console(self) -> None:
@@ -228,7 +254,7 @@ class Up:
         with it; the streams and file buckets are back from disk."""
         try:
             nc = await nats.connect(
-                servers(self.servers.nats_url), name="tidegate-up", connect_timeout=5
+                servers(self.servers.url_for("operator")), name="tidegate-up", connect_timeout=5
             )
             try:
                 await ensure_all(nc.jetstream(), self.settings.limits)
@@ -283,7 +309,22 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_up(settings: Settings, *, executors: int, console_port: int, slots: int, demo: bool) -> int:
+def run_up(
+    settings: Settings,
+    *,
+    executors: int,
+    console_port: int,
+    slots: int,
+    demo: bool,
+    nats_auth: bool = True,
+) -> int:
     """Run the whole system until SIGINT/SIGTERM; 0 after a clean stop."""
-    up = Up(settings, executors=executors, console_port=console_port, slots=slots, demo=demo)
+    up = Up(
+        settings,
+        executors=executors,
+        console_port=console_port,
+        slots=slots,
+        demo=demo,
+        nats_auth=nats_auth,
+    )
     return up.run()

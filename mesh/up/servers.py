@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tidegate.backoff import Backoff
 from tidegate.embedded.children import process_alive
+from tidegate.embedded.natsauth import AuthFiles, url_with_credentials
 from tidegate.embedded.servers import EmbeddedNats, EmbeddedPostgres
 from tidegate.endpoints import redact
 from tidegate.errors import EmbeddedServerError, TidegateError
@@ -111,19 +112,48 @@ class Revival:
 
 
 class Servers:
-    """The two servers of one run; an empty URL means "start the embedded one"."""
+    """The two servers of one run; an empty URL means "start the embedded one".
 
-    def __init__(self, data_dir: Path, *, nats_url: str, database_url: str) -> None:
+    An embedded nats-server with `nats_auth` admits only the users of `DATA_DIR/nats`
+    (natsauth.py): each component and `auth_clients` client gets its own credentials
+    (`url_for`). A server named by URL is configured by its operator: every component
+    connects with that URL as it is."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        nats_url: str,
+        database_url: str,
+        nats_auth: bool = False,
+        auth_clients: tuple[str, ...] = (),
+    ) -> None:
         self.data_dir = data_dir
         self.nats_url = nats_url
         self.database_url = database_url
         self.nats: EmbeddedNats | None = None
         self.postgres: EmbeddedPostgres | None = None
         self.revivals: list[Revival] = []
+        self.nats_auth = nats_auth
+        self.auth_clients = auth_clients
+        self.auth: AuthFiles | None = None
+        self.passwords: dict[str, str] = {}  # user -> password of those `up` connects as
+
+    def url_for(self, user: str) -> str:
+        """The NATS URL `user` connects with (the plain URL when there is no auth)."""
+        password = self.passwords.get(user)
+        if password is None:
+            return self.nats_url
+        return url_with_credentials(self.nats_url, user, password)
 
     def start(self) -> None:
         if not self.nats_url:
-            nats = self.nats = EmbeddedNats(self.data_dir / "nats")
+            config = None
+            if self.nats_auth:
+                self.auth = AuthFiles(self.data_dir / "nats")
+                self.passwords = self.auth.ensure(self.auth_clients)
+                config = self.auth.conf
+            nats = self.nats = EmbeddedNats(self.data_dir / "nats", config_file=config)
             self.nats_url = nats.start()
             log.info("nats-server up at %s (pid %d)", self.nats_url, self.nats_pid())
             self.revivals.append(

@@ -31,6 +31,7 @@ class Child:
 
     name: str
     args: list[str]  # after `python -m tidegate`
+    env: dict[str, str] = field(default_factory=dict)  # its own, over `Children.env`
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -61,17 +62,19 @@ class Children:
     def log_path(self, child: Child) -> Path:
         return self.log_dir / f"{child.name}.log"
 
-    def add(self, name: str, *args: str) -> None:
+    def add(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         # --data-dir on the command line (not only in the environment) makes the child
         # recognisable in `ps` and to the stale-process cleanup of a later run.
-        self.children.append(Child(name=name, args=["--data-dir", str(self.data_dir), *args]))
+        self.children.append(
+            Child(name=name, args=["--data-dir", str(self.data_dir), *args], env=env or {})
+        )
 
     def start(self, child: Child) -> None:
         # Popen runs on the main thread only: PR_SET_PDEATHSIG fires when the *thread* that
         # forked the child ends, so a child started from a worker thread would die with it.
         child.proc = spawn_component(
             child.args,
-            env=self.env,
+            env={**self.env, **child.env},
             log_path=self.log_path(child),
             header=f"--- started by tidegate up at {time.strftime('%F %T')} ---\n",
         )

@@ -41,7 +41,8 @@ def test_up_runs_a_task_and_stops_cleanly_on_ctrl_c(ups: list[Up], tmp_path: Pat
     data = tmp_path / "data"
     up = new_up(ups, tmp_path, data).start()
     endpoints = up.wait_endpoints()
-    assert endpoints["nats_url"].startswith("nats://127.0.0.1:")
+    # With the operator's own NATS credentials: the commands beside `up` connect as it.
+    assert re.fullmatch(r"nats://operator:[\w-]+@127\.0\.0\.1:\d+", endpoints["nats_url"])
     assert endpoints["database_url"].startswith("postgresql://")
     assert endpoints["console_url"] == f"http://127.0.0.1:{up.console_port}"
     assert endpoints["data_dir"] == str(data)

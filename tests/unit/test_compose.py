@@ -69,5 +69,32 @@ def test_three_nats_nodes_routed_to_each_other_with_r3(compose: dict[str, Any]) 
     for component in ("driver", "executor", "console"):
         env = services[component]["environment"]
         assert env["TIDEGATE_REPLICAS"] == "3"
-        assert sorted(env["TIDEGATE_NATS_URL"].split(",")) == [f"nats://{n}:4222" for n in nodes]
+        # Each component as its own NATS user, its password from .env (README: "Who may do
+        # what on the bus"); every node.
+        urls = env["TIDEGATE_NATS_URL"].split(",")
+        password = f"${{TIDEGATE_NATS_{component.upper()}_PASSWORD:?generate one first}}"
+        assert sorted(urls) == [f"nats://{component}:{password}@{n}:4222" for n in nodes]
         assert set(services[component]["depends_on"]) >= set(nodes)
+
+
+def test_every_node_admits_only_the_users_the_users_service_made(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    users = services["bus-users"]
+    assert "nats-config --from-env" in users["command"][0]
+    assert "nats-users:/users" in users["volumes"]
+    for node in ("nats1", "nats2", "nats3"):
+        command = services[node]["command"]
+        config = services[node]["configs"][0]
+        assert _flag(command, "-c") == config["target"] == "/etc/nats/tidegate.conf"
+        # A reload reads the file alone: it names the server and cluster the flags name.
+        text = compose["configs"][config["source"]]["content"]
+        assert f"server_name: {_flag(command, '-n')}\n" in text
+        assert f"name: {_flag(command, '--cluster_name')}," in text
+        routes = _flag(command, "--routes").split(",")
+        assert all(f'"{route}"' in text for route in routes)
+        # Relative to /etc/nats: the users the `bus-users` service writes.
+        assert "include ../../users/nats/auth.conf" in text
+        assert "nats-users:/users:ro" in services[node]["volumes"]
+        assert services[node]["depends_on"]["bus-users"] == {
+            "condition": "service_completed_successfully"
+        }
