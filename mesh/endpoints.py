@@ -10,6 +10,7 @@ directory show the same login again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -53,10 +54,11 @@ def resolve_connection(settings: Settings) -> Connection:
             "no servers configured: set TIDEGATE_NATS_URL and TIDEGATE_DATABASE_URL, "
             f"or start `tidegate up` (it writes {path})"
         ) from None
-    return Connection(
+    # `replace`: every other field of the connection (TLS, …) is kept as configured.
+    return dataclasses.replace(
+        conn,
         nats_url=conn.nats_url or found["nats_url"],
         database_url=conn.database_url or found["database_url"],
-        data_dir=conn.data_dir,
     )
 
 
