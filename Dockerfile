@@ -16,8 +16,12 @@ COPY migrations ./migrations
 # package is the client SDK alone), and `nats-config` hashes passwords with bcrypt.
 RUN pip install '.[server,console]' && rm -rf /src
 
-# Components (and the tasks an executor runs) do not need root.
-RUN useradd --create-home --uid 10001 tidegate && mkdir /data && chown tidegate /data
+# Components run as `tidegate`: none needs root. Only an executor gains by it: as root it runs
+# its tasks as another user. compose.yaml runs it so, with TIDEGATE_TASK_USER=tidegate-task (a
+# user for the tasks alone, with a home). It changes user through `setpriv` and sets limits
+# through `prlimit`, both from util-linux, an essential package of Debian (this image's base).
+RUN useradd --create-home --uid 10001 tidegate && mkdir /data && chown tidegate /data \
+    && useradd --create-home --uid 10002 tidegate-task
 USER tidegate
 WORKDIR /data
 ENV TIDEGATE_DATA_DIR=/data
