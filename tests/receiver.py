@@ -21,6 +21,7 @@ class Hit:
     headers: dict[str, str]  # lower-cased names
     body: bytes
     status: int | None  # None: the receiver never answered
+    peer: str = ""  # the sender's address and port: which connection it came on
 
     @property
     def ok(self) -> bool:
@@ -85,7 +86,9 @@ class Receiver:
                 status = self.respond(path, body)
                 if not isinstance(status, int | None):
                     status = await status
-                self.hits.append(Hit(at, path, headers, body, status))
+                host, port = writer.get_extra_info("peername")[:2]
+                peer = f"{host}:{port}"
+                self.hits.append(Hit(at, path, headers, body, status, peer))
                 if status is None:
                     await self._stop.wait()  # hang until the test ends
                     return

@@ -15,7 +15,9 @@ back after a newer one. The dangers are unacked older states:
   kind.
 
 The holder records such a task here *before* acking; the next holder checks redelivered messages
-against it and drops what is not newer. A KV bucket (NATS, not the database), so the check
+against it and drops what is not newer. A mark only ever rises (compare and set on the key's
+revision): a holder that was frozen and wakes up to record what it sent before must not lower
+what its successor recorded since. A KV bucket (NATS, not the database), so the check
 works while PostgreSQL is down; keys age out after a day (`NOTIFY_FENCE_TTL_S`).
 """
 
@@ -26,7 +28,7 @@ import logging
 from collections.abc import Sequence
 
 import nats.errors
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from tidegate import names
@@ -35,6 +37,7 @@ from tidegate.wire import STATE_RANK, AnyEvent
 log = logging.getLogger(__name__)
 
 Mark = tuple[int, int, int]  # (run, attempt, state rank): greater is newer
+_CAS_TRIES = 5  # two holders at most race on one task's key
 
 
 def mark_of(run: int, attempt: int, state: str) -> Mark:
@@ -73,14 +76,36 @@ class DeliveredFence:
         """Before the messages are acked: task id → the newest mark called back."""
         if self._kv is None or not marks:
             return
-        kv = self._kv
         results = await asyncio.gather(
-            *(kv.put(names.kv_key(task), _encode(mark)) for task, mark in marks.items()),
+            *(self._raise_to(task, mark) for task, mark in marks.items()),
             return_exceptions=True,
         )
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             log.warning("could not record %d callback fences: %s", len(failed), failed[0])
+
+    async def _raise_to(self, task_id: str, mark: Mark) -> None:
+        """The task's mark raised to `mark`, never lowered."""
+        assert self._kv is not None
+        key = names.kv_key(task_id)
+        for _ in range(_CAS_TRIES):
+            try:
+                entry = await self._kv.get(key)
+            except KeyNotFoundError:
+                try:
+                    await self._kv.create(key, _encode(mark))
+                    return
+                except KeyWrongLastSequenceError:
+                    continue  # another holder recorded it first: compare with theirs
+            fenced = _decode(entry.value)
+            if fenced is not None and fenced >= mark:
+                return
+            try:
+                await self._kv.update(key, _encode(mark), last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue
+        raise TimeoutError(f"the callback fence of {task_id} kept changing")
 
     async def _get(self, task_id: str) -> Mark | None:
         assert self._kv is not None

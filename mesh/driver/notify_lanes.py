@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeAlias
@@ -22,7 +22,7 @@ from typing import TypeAlias
 from nats.aio.msg import Msg
 
 from tidegate.bus.pull import settle_quietly
-from tidegate.driver.callbacks.outbox import Outbox
+from tidegate.driver.callbacks.outbox import Outbox, Term, TermPassed
 from tidegate.driver.callbacks.payload import Callback
 from tidegate.driver.callbacks.transport import CallbackFailed, Transports, batch_max
 from tidegate.driver.fence import DeliveredFence, Mark, mark_of
@@ -51,6 +51,8 @@ class LeaseLost(TidegateError):
 # A callback to send, its event's message (acked once handed off) and, for a sensitive
 # client, the row written before the callback goes out.
 Item: TypeAlias = tuple[Callback, Msg, TaskRow | None]
+# A message not handed off, and the loop time at or before which its ack wait last started.
+Held: TypeAlias = tuple[Msg, float]
 
 
 def _task_of(item: Item) -> str:
@@ -111,6 +113,7 @@ class Lanes:
         delivered: DeliveredFence,
         *,
         check_lease: Callable[[], None],
+        term: Callable[[], Term],
         name: str,
         concurrency: int = DEFAULT_CONCURRENCY,
         fence_all_until: float = 0.0,
@@ -121,13 +124,17 @@ class Lanes:
         self._metrics = metrics
         self._delivered = delivered
         self._check_lease = check_lease  # raises LeaseLost once sending is no longer safe
+        self._term = term  # this term's partition and lease revision, for outbox writes
         self._name = name
         self._concurrency = max(1, concurrency)
         # Loop time until which every state handed off is fenced (notify_partition.py).
         self._fence_all_until = fence_all_until
         self._lanes: dict[str, Lane] = {}
-        self._unsent: list[Msg] = []  # taken back from requests that did not settle
+        self._unsent: list[Held] = []  # taken back from requests that did not settle
         self.held: dict[int, Msg] = {}  # id → message not acked yet, kept alive while lanes work
+        # id → loop time at or before which the server last started its ack wait: when the pull
+        # that brought it was asked for, or a keep-alive the server is known to have received.
+        self._since: dict[int, float] = {}
         # Per partition: one partition's lost lease must not cancel another's pending writes.
         self._writer = SensitiveWriter(store, metrics)
         # Sensitive rows are handed to the writer as their events arrive (one group commit
@@ -137,17 +144,20 @@ class Lanes:
         self._row_done: dict[int, asyncio.Future[None]] = {}  # id(msg) → its row committed
         self._writes: set[asyncio.Task[None]] = set()
         self._stopping = False
-        # True while the outbox's clients are unknown (the database did not answer when this
-        # term began): a new lane then starts behind a possible outbox.
+        # True until this term is recorded in the database and the outbox's clients are read
+        # (the database did not answer when this term began): every lane stays behind a
+        # possible outbox meanwhile, whatever a count says, because an earlier holder's write
+        # may still be on its way in (see `Outbox.begin_term`).
         self.outbox_unknown = False
         self.lease_doubt = False  # a lane found the deadline passed: stop leading
 
     def mark_outboxed(self, client: str) -> None:
         self._lane(client).outboxed = True
 
-    def put(self, client: str, item: Item) -> None:
+    def put(self, client: str, item: Item, since: float) -> None:
         msg, row = item[1], item[2]
         self.held[id(msg)] = msg
+        self._since[id(msg)] = since
         if row is not None:
             self._stage(msg, row)
         lane = self._lane(client)
@@ -156,6 +166,13 @@ class Lanes:
             # Once the whole pull is in: then each request takes what waits, not one each.
             lane.pump_due = True
             asyncio.get_running_loop().call_soon(self._pump, client, lane)
+
+    def touched(self, ids: Iterable[int], at: float) -> None:
+        """A keep-alive sent at `at` to the messages `ids` is known to have reached the server
+        (a later request on the same connection was answered)."""
+        for key in ids:
+            if key in self._since:
+                self._since[key] = max(self._since[key], at)
 
     def _lane(self, client: str) -> Lane:
         lane = self._lanes.get(client)
@@ -269,12 +286,13 @@ class Lanes:
             log.exception("callbacks to %s: cannot hand off %d; handing back", client, len(items))
             self.lease_doubt = True
         finally:
+            since = [self._since.pop(id(msg), 0.0) for _, msg, _ in items]
             for _, msg, _ in items:
                 self.held.pop(id(msg), None)
                 self._row_done.pop(id(msg), None)
             lane.tasks.done(items, request=request)
             if not settled:  # stopped mid-way: this term ends, and its holder gives them back
-                self._unsent.extend(m for _, m, _ in items)
+                self._unsent.extend(zip((m for _, m, _ in items), since, strict=True))
             else:
                 self._pump(client, lane)
 
@@ -339,7 +357,7 @@ class Lanes:
 
     async def _outbox_still_holds(self, client: str, lane: Lane) -> bool:
         now = asyncio.get_running_loop().time()
-        if lane.enqueuing or now - lane.checked_at < _OUTBOX_RECHECK_S:
+        if self.outbox_unknown or lane.enqueuing or now - lane.checked_at < _OUTBOX_RECHECK_S:
             return True
         lane.checked_at = now
         begun = lane.enqueued
@@ -359,7 +377,10 @@ class Lanes:
         # be sent by the retry job after the newer states the next holder sends meanwhile.
         async def enqueue() -> list[Callback]:
             self._check_lease()
-            return await self._outbox.enqueue(callbacks, error)
+            try:
+                return await self._outbox.enqueue(callbacks, error, term=self._term())
+            except TermPassed as exc:  # the database's fence: a later holder has begun
+                raise LeaseLost(str(exc)) from exc
 
         lane.enqueuing += 1
         lane.enqueued += 1
@@ -380,9 +401,9 @@ class Lanes:
                 ", ".join(cb.event_id for cb in refused[:10]),
             )
 
-    async def stop(self) -> list[Msg]:
-        """Every lane stopped; returns what was not handed off (unsettled, unacked), for the
-        holder to give back to JetStream while its lease is surely its own."""
+    async def stop(self) -> list[Held]:
+        """Every lane stopped; returns what was not handed off (unsettled, unacked), each
+        with when the server last started its ack wait, for the holder to give back."""
         self._stopping = True
         tasks = [t for lane in self._lanes.values() for t in lane.running]
         for task in tasks:
@@ -393,9 +414,14 @@ class Lanes:
             write.cancel()
         await asyncio.gather(*writes, return_exceptions=True)
         await self._writer.close()
-        queued = [m for lane in self._lanes.values() for _, m, _ in lane.tasks.drain()]
+        queued = [
+            (m, self._since.get(id(m), 0.0))
+            for lane in self._lanes.values()
+            for _, m, _ in lane.tasks.drain()
+        ]
         unsent, self._unsent = self._unsent + queued, []
         self.held.clear()
+        self._since.clear()
         self._row_done.clear()
         self._lanes.clear()
         return unsent

@@ -4,10 +4,12 @@ A partition is held by one driver at a time; a driver may hold several. Each has
 revision and sending deadline, so losing one partition's lease stops only that partition's
 sending and its events only.
 
-What a holder held and did not hand off goes back at once (nak) only while the lease is still
-its own, renewed to make sure: a holder whose lease passed (frozen, cut off) leaves its events
-to the consumer's ack wait. Its events may already be the next holder's by then, and a late nak
-would have them delivered again, an older state after the newer one that holder sent.
+What a holder held and did not hand off goes back at once (nak). A holder whose lease passed
+(frozen, cut off) gives back only the events whose ack wait surely still runs: the server has
+not delivered them again, and the next holder, whose term began while they were unacked here,
+checks every one against the shared fence (mesh/driver/fence.py) in the first ack wait of its
+term. The others may already be the next holder's, and a late nak would have them delivered
+again after that window, an older state after a newer one: they are left to the ack wait.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from tidegate.bus.buckets import LEASE_TTL_S
 from tidegate.bus.deadletters import set_aside
 from tidegate.bus.lease import Leases
 from tidegate.bus.pull import ack_all, pull, settle_quietly
-from tidegate.driver.callbacks.outbox import Outbox
+from tidegate.driver.callbacks.outbox import Outbox, Term
 from tidegate.driver.callbacks.payload import callback_from_flat
 from tidegate.driver.callbacks.transport import Transports
 from tidegate.driver.fence import DeliveredFence
-from tidegate.driver.notify_lanes import Lanes, LeaseLost
+from tidegate.driver.notify_lanes import Held, Lanes, LeaseLost
 from tidegate.driver.notify_rules import LatestStates, wants_callback
 from tidegate.metrics import DriverMetrics, count_dead_letter
 from tidegate.store.flatten import FlatEvent, flatten
@@ -141,6 +143,7 @@ class Partition:
                 s.metrics,
                 s.delivered,
                 check_lease=self._check_lease,
+                term=self._term,
                 name=str(self.index),
                 concurrency=s.concurrency,
                 fence_all_until=fence_all_until,
@@ -162,12 +165,18 @@ class Partition:
             await asyncio.sleep(RENEW_S)  # let another driver take it first
 
     async def _lead(self, lanes: Lanes) -> None:
+        # The term is recorded before anything is sent: from then on the database refuses an
+        # earlier holder's outbox writes, and the outbox read after it sees those already in.
         # Bounded: a database outage must not keep the non-sensitive callbacks from flowing.
         try:
             async with asyncio.timeout(_OUTBOX_READ_S):
-                pending = await self._s.outbox.pending_clients()
+                pending = await self._s.outbox.begin_term(self._term(), self._s.leases.owner)
         except Exception as exc:
-            log.warning("cannot read the callback outbox (%s): every client waits behind it", exc)
+            log.warning(
+                "cannot begin this term in the database nor read the callback outbox (%s): "
+                "every client waits behind it",
+                exc,
+            )
             lanes.outbox_unknown = True
             learn: asyncio.Task[None] | None = asyncio.create_task(
                 self._learn_outbox(lanes), name=f"notify:{self.index}:outbox-state"
@@ -179,6 +188,7 @@ class Partition:
         consume = asyncio.create_task(self._consume(lanes), name=f"notify:{self.index}:consume")
         loop = asyncio.get_running_loop()
         kept_alive = loop.time()
+        touching: tuple[list[int], float] | None = None  # keep-alives sent, not yet confirmed
         try:
             while not consume.done():
                 await asyncio.wait({consume}, timeout=RENEW_S)
@@ -194,10 +204,16 @@ class Partition:
                     raise LeaseLost
                 self._revision = renewed  # released with this one when leading ends
                 self._send_until = asked_at + _SEND_WITHIN_S
+                if touching is not None:
+                    # The renewal went out on the same connection after the keep-alives and
+                    # was answered: the server has them, and their ack waits restarted.
+                    lanes.touched(*touching)
+                    touching = None
                 if loop.time() - kept_alive > self._s.ack_wait_s / _KEEPALIVE_PART:
                     # A lane stuck behind a slow endpoint or a database outage must not
                     # have its events redelivered (and sent twice, out of order).
                     kept_alive = loop.time()
+                    touching = (list(lanes.held), kept_alive)
                     await settle_quietly(list(lanes.held.values()), "in_progress")
             consume.result()
         finally:
@@ -209,8 +225,10 @@ class Partition:
     async def _learn_outbox(self, lanes: Lanes) -> None:
         """Once the database answers, lanes made meanwhile recheck their own outbox (they
         started behind it) and new ones start from what it holds."""
-        outbox = self._s.outbox
-        pending = await until_done(outbox.pending_clients, what="read the callback outbox")
+        outbox, owner = self._s.outbox, self._s.leases.owner
+        pending = await until_done(
+            lambda: outbox.begin_term(self._term(), owner), what="begin the notifier term"
+        )
         for client in pending:
             lanes.mark_outboxed(client)
         lanes.outbox_unknown = False
@@ -225,14 +243,15 @@ class Partition:
                 # the ack wait before the next holder could send it), and no pull outlives the
                 # deadline: a next holder finds whatever this one took already unacked.
                 self._check_lease()
-                wait = min(_PULL_WAIT_S, self._send_until - asyncio.get_running_loop().time())
+                asked = asyncio.get_running_loop().time()  # no delivery of this pull before it
+                wait = min(_PULL_WAIT_S, self._send_until - asked)
                 msgs = await pull(sub, 500, wait=max(wait, 0.001))
                 if msgs:
-                    await self._handle(lanes, msgs)
+                    await self._handle(lanes, msgs, asked)
         finally:
             await sub.unsubscribe()
 
-    async def _handle(self, lanes: Lanes, msgs: list[Msg]) -> None:
+    async def _handle(self, lanes: Lanes, msgs: list[Msg], asked: float) -> None:
         s = self._s
         # To call back, in order, each with its sensitive transition (written by its lane
         # before the callback goes out, so one client's wait for the database is its own).
@@ -272,7 +291,7 @@ class Partition:
             else:
                 done.append(msg)  # a stale sensitive row is the projector's to write
         for flat, msg, row in events:
-            lanes.put(flat.client, (callback_from_flat(flat), msg, row))
+            lanes.put(flat.client, (callback_from_flat(flat), msg, row), asked)
         await ack_all(done)
 
     async def _earlier_holder_may_hold(self) -> bool:
@@ -286,9 +305,10 @@ class Partition:
             return True
         return (info.num_ack_pending or 0) > 0
 
-    async def _hand_back(self, unsent: list[Msg]) -> None:
+    async def _hand_back(self, unsent: list[Held]) -> None:
         """What this term held and did not hand off: back to JetStream at once (nak) if the
-        lease is still ours; else left to the ack wait (see the module's docstring)."""
+        lease is still ours; else only what is surely still ours (see the module's docstring),
+        the rest left to the ack wait."""
         if not unsent:
             return
         if await self._still_ours():
@@ -297,14 +317,27 @@ class Partition:
             except LeaseLost:
                 pass
             else:
-                await settle_quietly(unsent, "nak")
+                await settle_quietly([m for m, _ in unsent], "nak")
                 return
-        self._s.metrics.callbacks.labels(result="left_to_ack_wait").inc(len(unsent))
+        # Its ack wait started no later than `since` (the pull was asked for then, or a
+        # keep-alive the server confirmed): before that wait ends, the server has not
+        # delivered it again. The margin covers the nak's own way to the server.
+        now = asyncio.get_running_loop().time()
+        margin = max(1.0, 0.1 * self._s.ack_wait_s)
+        ours = [m for m, since in unsent if since + self._s.ack_wait_s - margin > now]
+        if ours:
+            await settle_quietly(ours, "nak")
+            self._s.metrics.callbacks.labels(result="handed_back").inc(len(ours))
+        left = len(unsent) - len(ours)
+        self._s.metrics.callbacks.labels(result="left_to_ack_wait").inc(left)
         log.warning(
-            "partition %d: %d events not called back are left to the ack wait (%gs): this "
-            "driver's lease passed while it held them, and the next holder gets them then",
+            "partition %d: this driver's lease passed while it held %d events not called back: "
+            "%d handed back at once (their ack wait still ran), %d left to the ack wait (%gs): "
+            "the next holder may have them already",
             self.index,
             len(unsent),
+            len(ours),
+            left,
             self._s.ack_wait_s,
         )
 
@@ -322,6 +355,9 @@ class Partition:
         self._revision = renewed  # released with this one
         self._send_until = asked_at + _SEND_WITHIN_S
         return True
+
+    def _term(self) -> Term:
+        return Term(self.index, self._revision)
 
     def _check_lease(self) -> None:
         """Before every request: a holder that may have lost its lease (frozen, starved past

@@ -14,6 +14,22 @@ FROM unnest(%(event_id)b::text[], %(task_id)b::text[], %(client)b::text[], %(sta
 ORDER BY e.ord
 ON CONFLICT (event_id) DO NOTHING;
 
+-- name: notify_term_begin
+-- A notifier partition's new term (mesh/driver/notify_partition.py). Unconditional: the
+-- holder has just taken the lease, and a lease bucket made anew starts its revisions again
+-- from 1. Waits for every outbox write in flight under the earlier term (they hold the row
+-- in share mode), so the outbox read that follows, in a statement of its own, sees them.
+INSERT INTO notify_terms (partition, revision, holder)
+VALUES (%(partition)s, %(revision)s, %(holder)s)
+ON CONFLICT (partition) DO UPDATE
+SET revision = EXCLUDED.revision, holder = EXCLUDED.holder, began_at = now();
+
+-- name: notify_term_share
+-- Before an outbox write, in its transaction: the term it is made under must still be the
+-- newest (its revision at least the one written last); the share lock keeps a new term from
+-- beginning until the write is committed.
+SELECT revision, holder FROM notify_terms WHERE partition = %(partition)s FOR SHARE;
+
 -- name: outbox_pending_clients
 -- A loose index scan over (client, id): one index probe per client instead of reading every
 -- row, which matters when a client has been down for an hour of midnight floods.

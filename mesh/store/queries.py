@@ -51,6 +51,8 @@ class Queries:
     stranded_tasks: str
     # outbox.sql
     outbox_enqueue: str
+    notify_term_begin: str
+    notify_term_share: str
     outbox_pending_clients: str
     outbox_due_clients: str
     outbox_lock_client: str

@@ -22,6 +22,7 @@ import psycopg
 from tidegate.backoff import Backoff
 from tidegate.driver.callbacks.payload import Callback, decode_one, encode_one
 from tidegate.driver.callbacks.transport import clean_error
+from tidegate.errors import TidegateError
 from tidegate.store.queries import Q
 from tidegate.store.store import Session, Store, permanent
 
@@ -49,6 +50,20 @@ def _storable(callback: Callback) -> Callback:
         if isinstance(value := getattr(callback, name), str) and "\x00" in value
     }
     return msgspec.structs.replace(callback, **changes) if changes else callback
+
+
+@dataclass(frozen=True)
+class Term:
+    """The notifier partition and lease revision an outbox write is made under
+    (migrations/0013_notify_terms.sql): refused once a later holder's term has begun."""
+
+    partition: int
+    revision: int
+
+
+class TermPassed(TidegateError):
+    """A later holder's term of this notifier partition has begun: this holder's lease is
+    gone, and its outbox write is refused (nothing of it is stored)."""
 
 
 @dataclass(frozen=True)
@@ -131,12 +146,15 @@ class Outbox:
         self.policy = policy
         self.rng = random.Random()
 
-    async def enqueue(self, callbacks: Sequence[Callback], error: str) -> list[Callback]:
+    async def enqueue(
+        self, callbacks: Sequence[Callback], error: str, *, term: Term | None = None
+    ) -> list[Callback]:
         """Outbox failed callbacks, in the order given (the order they will be retried in).
 
         Returns the callbacks that can never be stored (see `unstorable`): with the list
         refused as a whole, each is tried alone so that one bad callback costs only itself.
-        A database that cannot be reached raises, for the caller to retry.
+        A database that cannot be reached raises, for the caller to retry. Under a notifier
+        `term`, each statement is refused (`TermPassed`) once a later term has begun.
         """
         if not callbacks:
             return []
@@ -145,10 +163,10 @@ class Outbox:
             # each a short statement that leaves the event loop to the other clients between.
             given_up: list[Callback] = []
             for i in range(0, len(callbacks), _ENQUEUE_SLICE):
-                given_up += await self.enqueue(callbacks[i : i + _ENQUEUE_SLICE], error)
+                given_up += await self.enqueue(callbacks[i : i + _ENQUEUE_SLICE], error, term=term)
             return given_up
         try:
-            await self._enqueue(callbacks, error)
+            await self._enqueue(callbacks, error, term)
             return []
         except Exception as exc:
             if not unstorable(exc) or len(callbacks) == 1:
@@ -158,10 +176,10 @@ class Outbox:
                 raise
         refused: list[Callback] = []
         for callback in callbacks:  # in order: ids are handed out as they go in
-            refused += await self.enqueue([callback], error)
+            refused += await self.enqueue([callback], error, term=term)
         return refused
 
-    async def _enqueue(self, callbacks: Sequence[Callback], error: str) -> None:
+    async def _enqueue(self, callbacks: Sequence[Callback], error: str, term: Term | None) -> None:
         callbacks = [_storable(c) for c in callbacks]
         params = {
             "event_id": [c.event_id for c in callbacks],
@@ -172,7 +190,25 @@ class Outbox:
             "delay_s": self.policy.delay(1, self.rng),
             "error": clean_error(error),
         }
-        await self._store.execute(Q.outbox_enqueue, params)
+        if term is None:
+            await self._store.execute(Q.outbox_enqueue, params)
+            return
+        async with self._store.transaction(what="callback outbox") as tx:
+            newest = await tx.fetch_one(Q.notify_term_share, {"partition": term.partition})
+            if newest is not None and int(newest["revision"]) > term.revision:
+                raise TermPassed(
+                    f"notifier partition {term.partition}: a later term ({newest['holder']}, "
+                    f"revision {newest['revision']}) has begun; revision {term.revision} may "
+                    "no longer write the outbox"
+                )
+            await tx.execute(Q.outbox_enqueue, params)
+
+    async def begin_term(self, term: Term, holder: str) -> set[str]:
+        """A notifier term begins: recorded (waiting out the earlier term's writes in
+        flight), then the clients with callbacks in the outbox, read after it."""
+        params = {"partition": term.partition, "revision": term.revision, "holder": holder}
+        await self._store.execute(Q.notify_term_begin, params, what="notifier term")
+        return await self.pending_clients()
 
     async def pending_clients(self) -> set[str]:
         rows = await self._store.fetch_all(Q.outbox_pending_clients)

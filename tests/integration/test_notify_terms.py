@@ -1,0 +1,118 @@
+"""Fencing by lease revision, against a real PostgreSQL and a real JetStream KV (issue 8 point 6).
+
+A notifier holder frozen in the middle of an outbox write (a spill of a slow client's backlog is
+several statements) wakes up after its successor began: what it still writes must not land
+behind its successor's rows, which the retry job would then send after newer states. And the
+fence a frozen holder records when it wakes must not lower its successor's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from nats.aio.client import Client as NATS
+from test_callbacks import make_callbacks
+
+from tidegate.driver.callbacks.outbox import Outbox, RetryPolicy, Term, TermPassed
+from tidegate.driver.fence import DeliveredFence, mark_of
+from tidegate.store.migrate import migrate
+from tidegate.store.queries import Q
+from tidegate.store.store import Store
+from tidegate.wire import Succeeded
+
+
+@pytest.fixture
+async def outbox(database_url: str) -> AsyncIterator[Outbox]:
+    await migrate(database_url)
+    async with Store(database_url, max_size=4) as store:
+        yield Outbox(store, RetryPolicy())
+
+
+async def test_an_outbox_write_of_an_earlier_term_is_refused_once_a_later_one_began(
+    outbox: Outbox,
+) -> None:
+    await outbox.begin_term(Term(0, 10), "driver-a")
+    assert await outbox.enqueue(make_callbacks("a1", 2), "slow", term=Term(0, 12)) == []
+    await outbox.begin_term(Term(0, 20), "driver-b")
+    with pytest.raises(TermPassed, match="driver-b"):
+        await outbox.enqueue(make_callbacks("a2", 3), "slow", term=Term(0, 12))
+    assert await outbox.count() == 2  # nothing of the refused write is stored
+    # The new holder writes (its renewals raise its revision above the term's start), and so
+    # does another partition's holder: terms are per partition.
+    assert await outbox.enqueue(make_callbacks("b1", 1), "slow", term=Term(0, 23)) == []
+    assert await outbox.enqueue(make_callbacks("c1", 1), "slow", term=Term(1, 5)) == []
+    assert await outbox.count() == 4
+
+
+async def test_a_later_term_waits_for_a_write_in_flight_and_then_sees_its_rows(
+    outbox: Outbox, database_url: str
+) -> None:
+    """The earlier holder's write began before the new term (it holds the term row in share
+    mode, as `Outbox.enqueue` does) and commits only after: the new term's outbox read must
+    see its rows, so that the new holder queues behind them rather than sending around them."""
+    await outbox.begin_term(Term(3, 10), "driver-a")
+    async with await psycopg.AsyncConnection.connect(database_url) as old:
+        async with old.transaction():
+            await old.execute(Q.notify_term_share, {"partition": 3})
+            await old.execute(
+                "INSERT INTO callback_outbox "
+                "(event_id, task_id, client, state, payload, next_attempt_at) "
+                "VALUES ('late@1/1/running', 'late:k', 'late', 'running', '{}', now())"
+            )
+            begin = asyncio.create_task(outbox.begin_term(Term(3, 20), "driver-b"))
+            # Seen waiting on the row lock in pg_stat_activity, not guessed from a sleep.
+            deadline = time.monotonic() + 10
+            async with await psycopg.AsyncConnection.connect(database_url) as watch:
+                while True:
+                    cur = await watch.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                        ("%notify_terms%",),
+                    )
+                    row = await cur.fetchone()
+                    if row and row[0]:
+                        break
+                    assert not begin.done(), "the new term did not wait for the write in flight"
+                    assert time.monotonic() < deadline, "the new term never waited"
+                    await asyncio.sleep(0.05)
+            assert not begin.done()
+        pending = await asyncio.wait_for(begin, 10)  # committed: the new term goes on
+    assert "late" in pending
+
+
+async def test_a_fence_mark_only_rises(nats_url: str) -> None:
+    nc = NATS()
+    await nc.connect(nats_url)
+    try:
+        kv = await nc.jetstream().create_key_value(bucket="fence_test")
+        fence = DeliveredFence(kv)
+        succeeded = mark_of(5, 1, "succeeded")
+        await fence.record({"c:t": succeeded})
+        # A holder frozen after its send records its older mark when it wakes up.
+        await fence.record({"c:t": mark_of(5, 1, "running"), "c:u": mark_of(5, 1, "running")})
+        now = datetime.now(UTC)
+        late = [
+            Succeeded(
+                task_id=t,
+                client="c",
+                key=t[2:],
+                attempt=1,
+                run=5,
+                at=now,
+                submitted_at=now,
+                finished_at=now,
+                exit_code=0,
+            )
+            for t in ("c:t", "c:u")
+        ]
+        # `succeeded` of t is not newer than the fence, so it counts as sent; u's is newer.
+        assert await fence.already_sent(late) == {late[0].event_id}
+        await fence.record({"c:u": mark_of(5, 1, "succeeded")})
+        assert await fence.already_sent(late) == {e.event_id for e in late}
+    finally:
+        await nc.close()
