@@ -173,7 +173,7 @@ class Partition:
                 pending = await self._s.outbox.begin_term(self._term(), self._s.leases.owner)
         except Exception as exc:
             log.warning(
-                "cannot begin this term in the database nor read the callback outbox (%s): "
+                "cannot read the callback outbox nor record this term in the database (%s): "
                 "every client waits behind it",
                 exc,
             )
