@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 
 from tidegate.bus.publish import Publisher
 from tidegate.bus.quota import QuotaGate
-from tidegate.bus.submit import check_registered, task_message
+from tidegate.bus.submit import check_registered, task_message, url_id_secret
 from tidegate.console.api_errors import ApiError
 from tidegate.console.link import BusLink
 from tidegate.errors import BufferFull, TidegateError
@@ -86,7 +86,10 @@ class Submitter:
         """Raises `UnknownClient`, `InvalidTask`, or `SubmitError` (no PubAck: it may be stored;
         the same key again is safe)."""
         await self._check_registered(client)
-        out = task_message(client, spec, max_task_bytes=max_task_bytes)
+        # Keyed with the console's own NATS password (in its URL, when the server has users):
+        # its ids, like a client's, are then none that another client can publish first.
+        secret = url_id_secret(self._link.url)
+        out = task_message(client, spec, max_task_bytes=max_task_bytes, secret=secret)
         nc = self._link.nc
         if nc is None or not nc.is_connected:
             raise ApiError(HTTP_503_SERVICE_UNAVAILABLE, NATS_DOWN)

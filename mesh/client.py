@@ -36,7 +36,8 @@ from tidegate import names
 from tidegate.bus.natsconn import connect, url_user
 from tidegate.bus.publish import DEFAULT_WINDOW, Outgoing, PubAck, Publisher
 from tidegate.bus.quota import Grant, QuotaGate
-from tidegate.bus.submit import task_message, task_messages
+from tidegate.bus.submit import id_secret as id_secret_of
+from tidegate.bus.submit import task_message, task_messages, url_id_secret
 from tidegate.embedded.natsauth import CLIENT_USER_PREFIX
 from tidegate.errors import (
     ApiRefused,
@@ -103,10 +104,16 @@ class TidegateClient:
         max_task_bytes: int = DEFAULT_MAX_TASK_BYTES,
         owns_connection: bool = False,
         check_quota: bool = True,
+        id_secret: str | bytes | None = None,
     ) -> None:
+        """`id_secret`: the NATS password `nc` connected with (`connect` passes it). It keys
+        this client's submission ids (`Nats-Msg-Id: <client>:<key>#id-<tag>`), which nobody
+        without it can forge to have a task of this client dropped as a duplicate; give it
+        whenever the server has users. Without it the ids are the plain `<client>:<key>`."""
         if not re.match(NAME_RE, client):
             raise InvalidTask(f"client name {client!r} must match {NAME_RE}")
         self.client = client
+        self._id_secret = id_secret_of(id_secret)
         self._nc = nc
         self._owns = owns_connection
         self._max_bytes = max_task_bytes
@@ -133,7 +140,8 @@ class TidegateClient:
         """Connect as `client`. Where the server has users (`tidegate client add NAME --json`
         printed them), give its `user`, `password` and `inbox_prefix`, or put the user and
         password in the URL (`nats://user:password@host:4222`: the inbox prefix is then
-        derived from the user).
+        derived from the user). That password also keys this client's submission ids (see
+        `__init__`).
 
         TLS: a `tls://` URL verifies the server against the system's CAs; `tls` is your own
         context (a private CA, a client certificate for mutual TLS), given to nats-py as is.
@@ -156,12 +164,16 @@ class TidegateClient:
             client,
             owns_connection=True,
             check_quota=not as_client,
+            # The password given, else the URL's: what nats-py connects with.
+            id_secret=id_secret_of(password) or url_id_secret(url),
             **options,  # type: ignore[arg-type]
         )
 
     def prepare(self, spec: TaskSpec) -> Outgoing:
         """Validate and encode one task; raises `InvalidTask` with the reason."""
-        return task_message(self.client, spec, max_task_bytes=self._max_bytes)
+        return task_message(
+            self.client, spec, max_task_bytes=self._max_bytes, secret=self._id_secret
+        )
 
     def _receipt(self, spec: TaskSpec, ack: PubAck) -> Receipt:
         return Receipt(task_id=task_id(self.client, spec.key), seq=ack.seq, duplicate=ack.duplicate)
@@ -211,7 +223,9 @@ class TidegateClient:
         task alone: the others are still submitted). Raises `InvalidTask` before publishing
         anything if a task is invalid."""
         batch: Sequence[TaskSpec] = list(specs)
-        outgoing = task_messages(self.client, batch, max_task_bytes=self._max_bytes)
+        outgoing = task_messages(
+            self.client, batch, max_task_bytes=self._max_bytes, secret=self._id_secret
+        )
         # Beyond the client's own quota the last tasks are refused, as JetStream refuses
         # those beyond the stream-wide one.
         grant = await self._take(len(outgoing))

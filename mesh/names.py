@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import re
 from typing import Final
 
@@ -294,14 +295,44 @@ def client_of_api_subject(subject: str) -> str | None:
     return None if parsed is None else parsed[0]
 
 
-def msg_id(client: str, key: str) -> str:
+# A submission's id carries a tag only its publisher can compute: JetStream deduplicates on
+# `Nats-Msg-Id` across the whole stream, and NATS permissions cannot restrict a header, so an
+# id anyone could write lets one client publish another's id on its own subject and have the
+# other's real task dropped as a "duplicate". The tag is an HMAC keyed by the publishing
+# connection's own NATS password, which no other client knows.
+KEYED_MARK: Final = "#id-"
+ID_TAG_HEX: Final = 20  # 80 bits: guessing one is hopeless within a dedup window
+_KEYED_SUFFIX = re.compile(re.escape(KEYED_MARK) + f"[0-9a-f]{{{ID_TAG_HEX}}}$")
+
+
+def id_tag(client: str, key: str, secret: bytes) -> str:
+    """The tag of `client:key`'s submission id: HMAC-SHA256 keyed by `secret` (the
+    publisher's NATS password, UTF-8) over `<client>:<key>`, hex, its first `ID_TAG_HEX`."""
+    mac = hmac.new(secret, task_id(client, key).encode(), hashlib.sha256)
+    return mac.hexdigest()[:ID_TAG_HEX]
+
+
+def msg_id(client: str, key: str, secret: bytes | None = None) -> str:
     """The `Nats-Msg-Id` of a submission: JetStream drops a second publish with the same id.
 
-    It is the task id, so a duplicate is exactly "the same task"."""
-    return task_id(client, key)
+    Without a secret (a server without users: anyone may publish on anyone's subject, there
+    is nothing to protect) it is the task id, so a duplicate is exactly "the same task". With
+    one it is keyed, `<client>:<key>#id-<tag>` (`id_tag`): the same publisher's resubmissions
+    still meet, and nobody without its password can make one of them."""
+    plain = task_id(client, key)
+    if not secret:
+        return plain
+    return f"{plain}{KEYED_MARK}{id_tag(client, key, secret)}"
+
+
+def strip_keyed_suffix(text: str) -> str:
+    """`text` without a trailing keyed-id tag (`#id-` and `ID_TAG_HEX` hex digits)."""
+    return _KEYED_SUFFIX.sub("", text, count=1)
 
 
 RETRY_MARK: Final = "#retry-"
+# A mark with nothing after it names no retry and no tag: not an id of the task.
+_BARE_MARKS: Final = frozenset({RETRY_MARK[1:], KEYED_MARK[1:]})
 
 
 def retry_msg_id(client: str, key: str, token: str) -> str:
@@ -311,12 +342,19 @@ def retry_msg_id(client: str, key: str, token: str) -> str:
 
 
 def msg_id_matches(header: str, client: str, key: str) -> bool:
-    """Whether a submission's `Nats-Msg-Id` belongs to the task `client:key` (its plain id,
-    or a retry's)."""
-    plain = msg_id(client, key)
-    return header == plain or (
-        header.startswith(plain + RETRY_MARK) and len(header) > len(plain) + len(RETRY_MARK)
-    )
+    """Whether a submission's `Nats-Msg-Id` belongs to the task `client:key`: its plain id,
+    or the plain id, `#` and a suffix (a keyed id's tag, a retry's or a re-drive's mark).
+
+    Matched against the body's key as given: keys may themselves hold `#`. Whether a tag is
+    right is not checked (the route step cannot know the publisher's password): a wrong one
+    only costs its own publisher the dedup, on a subject only it may publish on."""
+    plain = task_id(client, key)
+    if header == plain:
+        return True
+    if not header.startswith(plain + "#"):
+        return False
+    suffix = header[len(plain) + 1 :]
+    return bool(suffix) and suffix not in _BARE_MARKS
 
 
 def run_msg_id(task_id: str, run: int) -> str:

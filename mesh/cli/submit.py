@@ -9,7 +9,7 @@ import uuid
 from tidegate.bus.buckets import ensure_buckets
 from tidegate.bus.cancel import request_cancel
 from tidegate.bus.natsconn import connect
-from tidegate.bus.submit import check_registered
+from tidegate.bus.submit import check_registered, url_id_secret
 from tidegate.cli.commands import Command
 from tidegate.cli.options import settings_from
 from tidegate.client import TidegateClient
@@ -63,7 +63,8 @@ def submit(args: argparse.Namespace, command: Command) -> int:
         nc = await connect(conn.nats_url, f"tidegate-submit-{args.client}")
         try:
             await check_registered(nc.jetstream(), args.client)
-            tg = TidegateClient(nc, args.client)
+            # The ids keyed with this connection's password (the URL's), as the SDK's are.
+            tg = TidegateClient(nc, args.client, id_secret=url_id_secret(conn.nats_url))
             receipts = await tg.submit_many(specs)
         finally:
             await nc.drain()

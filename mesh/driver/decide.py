@@ -100,6 +100,7 @@ def decide(
     prefix = f"{client}:"
     key = header_msg_id[len(prefix) :] if header_msg_id and header_msg_id.startswith(prefix) else ""
     key = key.split(names.RETRY_MARK, 1)[0]  # an operator's retry: the same task's next run
+    key = names.strip_keyed_suffix(key)  # a keyed id (`names.msg_id`): its tag is no key's
     if not re.match(NAME_RE, client):
         # No client can be registered under it, so nobody can be told: a dead letter.
         raise Unroutable(
