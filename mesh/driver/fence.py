@@ -14,6 +14,9 @@ back after a newer one. The dangers are unacked older states:
   holder's, which can still come back) every state handed off is recorded, not only the first
   kind.
 
+The outbox's retry job (mesh/driver/callbacks/retry.py) is the other way a state can go out
+again: it records every callback it delivers here, and drops a row whose state is not newer.
+
 The holder records such a task here *before* acking; the next holder checks redelivered messages
 against it and drops what is not newer. A mark only ever rises (compare and set on the key's
 revision): a holder that was frozen and wakes up to record what it sent before must not lower
@@ -25,18 +28,45 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import nats.errors
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from tidegate import names
-from tidegate.wire import STATE_RANK, AnyEvent
+from tidegate.wire import STATE_RANK
 
 log = logging.getLogger(__name__)
 
 Mark = tuple[int, int, int]  # (run, attempt, state rank): greater is newer
+
+
+class State(Protocol):
+    """What the fence reads of an event or a callback."""
+
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def run(self) -> int: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+
+
+def newest_marks(states: Iterable[State]) -> dict[str, Mark]:
+    """Task id → the newest mark among `states`."""
+    marks: dict[str, Mark] = {}
+    for s in states:
+        mark = mark_of(s.run, s.attempt, s.state)
+        marks[s.task_id] = max(marks.get(s.task_id, mark), mark)
+    return marks
+
+
 _CAS_TRIES = 5  # two holders at most race on one task's key
 
 
@@ -60,7 +90,7 @@ class DeliveredFence:
     def __init__(self, kv: KeyValue | None) -> None:
         self._kv = kv  # None: no shared fence (tests of the notifier alone)
 
-    async def already_sent(self, events: Sequence[AnyEvent]) -> set[str]:
+    async def already_sent(self, events: Sequence[State]) -> set[str]:
         """Event ids of `events` (redelivered ones) that are not newer than what was called
         back for their task. Unreadable: nothing is dropped (a duplicate beats a loss)."""
         if self._kv is None or not events:

@@ -30,6 +30,7 @@ from tidegate.driver.callbacks.retry import retry_pass, schedule_retries
 from tidegate.driver.callbacks.transport import Transports
 from tidegate.driver.clientapi import ClientApi
 from tidegate.driver.dispatch import Dispatcher
+from tidegate.driver.fence import DeliveredFence
 from tidegate.driver.gauges import Gauges
 from tidegate.driver.notify import Notifier
 from tidegate.driver.poison import PoisonWatch
@@ -316,6 +317,7 @@ class Driver:
                 self.transports,
                 self.clients.get,
                 concurrency=self.settings.driver.callback_concurrency,
+                fence=DeliveredFence(self.buckets.notify_fence),
             )
         except asyncio.CancelledError:
             # The driver is stopping (the scheduler cancels its running jobs): not an error

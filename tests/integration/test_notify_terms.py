@@ -15,10 +15,14 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from harness import LOOPBACK, wait_for
 from nats.aio.client import Client as NATS
-from test_callbacks import make_callbacks
+from receiver import Receiver
+from test_callbacks import Client, make_callbacks
 
 from tidegate.driver.callbacks.outbox import Outbox, RetryPolicy, Term, TermPassed
+from tidegate.driver.callbacks.retry import RetryStats, retry_pass
+from tidegate.driver.callbacks.transport import Transports
 from tidegate.driver.fence import DeliveredFence, mark_of
 from tidegate.store.migrate import migrate
 from tidegate.store.queries import Q
@@ -30,7 +34,7 @@ from tidegate.wire import Succeeded
 async def outbox(database_url: str) -> AsyncIterator[Outbox]:
     await migrate(database_url)
     async with Store(database_url, max_size=4) as store:
-        yield Outbox(store, RetryPolicy())
+        yield Outbox(store, RetryPolicy(base_s=0.01, cap_s=0.05))
 
 
 async def test_an_outbox_write_of_an_earlier_term_is_refused_once_a_later_one_began(
@@ -115,4 +119,49 @@ async def test_a_fence_mark_only_rises(nats_url: str) -> None:
         await fence.record({"c:u": mark_of(5, 1, "succeeded")})
         assert await fence.already_sent(late) == {e.event_id for e in late}
     finally:
+        await nc.close()
+
+
+async def test_a_retry_pass_that_never_committed_does_not_send_a_tasks_states_again(
+    outbox: Outbox, nats_url: str
+) -> None:
+    """The retry job delivered a task's `running` then `succeeded` from the outbox, but its
+    deletions were never committed (its driver frozen or cut off after sending): the rows are
+    back. The next pass must not send them again, an older state after the newer one."""
+    nc = NATS()
+    await nc.connect(nats_url)
+    transports = Transports(NATS(), timeout_s=2.0, allowed_nets=LOOPBACK)
+    try:
+        fence = DeliveredFence(await nc.jetstream().create_key_value(bucket="fence_retry"))
+        async with Receiver() as rx:
+            client = Client(name="c", callback_url=rx.url())
+            rows = make_callbacks("c", 4)  # k0 running, k0 succeeded, k1 running, k1 succeeded
+
+            async def one_pass() -> RetryStats:
+                return await retry_pass(
+                    outbox, transports, lambda _name: client, concurrency=4, fence=fence
+                )
+
+            await outbox.enqueue(rows, "HTTP 500 from the first try")
+
+            async def drained() -> bool:
+                await one_pass()
+                return await outbox.count() == 0
+
+            await wait_for(drained, timeout=20, what="the outbox drained")
+            assert len(rx.delivered()) == 4
+            await outbox.enqueue(rows, "as if the deletions had rolled back")
+            totals = RetryStats()
+
+            async def dropped() -> bool:  # passes until the rows' backoff lets them go
+                stats = await one_pass()
+                totals.superseded += stats.superseded
+                totals.delivered += stats.delivered
+                return await outbox.count() == 0
+
+            await wait_for(dropped, timeout=20, what="the returned rows dealt with")
+            assert (totals.superseded, totals.delivered) == (4, 0)
+            assert len(rx.delivered()) == 4  # nothing went out twice
+    finally:
+        await transports.close()
         await nc.close()

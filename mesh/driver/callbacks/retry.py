@@ -8,6 +8,12 @@ requests); the first failure starts nothing more for that client in this pass, s
 task overtakes its callback that is backing off, and the client waits behind that oldest
 failure (its head) as before. A down endpoint therefore costs
 at most one timeout per pass, and only its own client's.
+
+Delivered rows are deleted when the pass's transaction commits. A pass that never commits (its
+driver frozen or cut off after sending) leaves them to be sent again, a task's older states
+after its newer ones: so each delivery is recorded in the notifier's shared fence
+(mesh/driver/fence.py) before the commit, and a row the fence says was passed is dropped
+unsent.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from tidegate.driver.callbacks.outbox import Claim, Outbox, OutboxRow
 from tidegate.driver.callbacks.transport import CallbackFailed, Transports, batch_max
+from tidegate.driver.fence import DeliveredFence, newest_marks
 from tidegate.driver.task_lanes import TaskLanes
 from tidegate.wire import ClientRecord
 
@@ -37,6 +44,7 @@ class RetryStats:
     delivered: int = 0
     failed: int = 0  # attempts that failed and will be retried
     dead: int = 0  # callbacks moved to the dead letters
+    superseded: int = 0  # dropped unsent: the fence says a state as new was called back
 
 
 async def retry_pass(
@@ -47,19 +55,27 @@ async def retry_pass(
     batch_limit: int = 500,
     budget_s: float = 10.0,
     concurrency: int = 1,
+    fence: DeliveredFence | None = None,
 ) -> RetryStats:
     """One pass over every client with a due callback.
 
     `budget_s` bounds how long one client's transaction stays open: a slow but working
     endpoint is drained over several passes instead of pinning a connection for minutes.
     `concurrency`: requests in flight at once per client, in order per task (the notifier's
-    `callback_concurrency`).
+    `callback_concurrency`). `fence`: the notifier's shared fence (see the module docstring).
     """
     stats = RetryStats()
     clients = await outbox.due_clients()
     results = await asyncio.gather(
         *(
-            _retry_client(outbox, transports, lookup, c, batch_limit, budget_s, stats, concurrency)
+            _retry_client(
+                outbox,
+                transports,
+                lookup,
+                c,
+                Pass(batch_limit, budget_s, concurrency, fence or DeliveredFence(None)),
+                stats,
+            )
             for c in clients
         ),
         return_exceptions=True,
@@ -77,13 +93,11 @@ async def _retry_client(
     transports: Transports,
     lookup: Callable[[str], ClientRecord | None],
     name: str,
-    batch_limit: int,
-    budget_s: float,
+    how: Pass,
     stats: RetryStats,
-    concurrency: int,
 ) -> None:
-    deadline = time.monotonic() + budget_s
-    async with outbox.claim(name, batch_limit) as claim:
+    deadline = time.monotonic() + how.budget_s
+    async with outbox.claim(name, how.batch_limit) as claim:
         if claim is None or not claim.rows:
             return  # another driver has this client, or it has just drained it
         client = lookup(name)
@@ -97,8 +111,15 @@ async def _retry_client(
         stats.dead += len(claim.rows) - len(sendable)
         if not sendable or not sendable[0].due:
             return  # the head is backing off: everything behind it waits
-        failures = await _send_laned(transports, client, claim, sendable, deadline, concurrency)
-        stats.delivered += len(claim.delivered)
+        passed = await how.fence.already_sent([row.callback for row in sendable])
+        superseded = [row for row in sendable if row.callback.event_id in passed]
+        if superseded:
+            claim.deliver(superseded)  # deleted with the delivered ones: never to be sent
+            stats.superseded += len(superseded)
+            sendable = [row for row in sendable if row.callback.event_id not in passed]
+            log.info("callbacks to %s: %d already passed, dropped unsent", name, len(superseded))
+        failures = await _send_laned(transports, client, claim, sendable, deadline, how)
+        stats.delivered += len(claim.delivered) - len(superseded)
         if failures:
             # One attempt counted, on the oldest failure: the head the next pass waits for.
             # The other failed rows stay as they were, tried again with it.
@@ -112,27 +133,32 @@ async def _send_laned(
     claim: Claim,
     rows: list[OutboxRow],
     deadline: float,
-    concurrency: int,
+    how: Pass,
 ) -> list[tuple[OutboxRow, str]]:
     """`rows` sent laned by task (mesh/driver/task_lanes.py): a task's rows one request after
     another in id order, up to `concurrency` requests at once. The first failure starts
     nothing more (what is in flight, other tasks', finishes): nothing of a failed task goes
     after it, and a failing endpoint gets no more than the requests already under way."""
-    lanes: TaskLanes[OutboxRow] = TaskLanes(lambda r: r.callback.task_id, limit=concurrency)
+    lanes: TaskLanes[OutboxRow] = TaskLanes(lambda r: r.callback.task_id, limit=how.concurrency)
     for row in rows:
         lanes.put(row)
     failures: list[tuple[OutboxRow, str]] = []
 
     async def send(chunk: list[OutboxRow]) -> None:
         try:
-            await transports.send(client, [r.callback for r in chunk])
-        except CallbackFailed as exc:
-            claim.deliver(chunk[: exc.delivered])
-            failures.append((chunk[exc.delivered], str(exc)))
-        else:
-            claim.deliver(chunk)
+            try:
+                await transports.send(client, [r.callback for r in chunk])
+            except CallbackFailed as exc:
+                await delivered(chunk[: exc.delivered])
+                failures.append((chunk[exc.delivered], str(exc)))
+            else:
+                await delivered(chunk)
         finally:
             lanes.done(chunk)
+
+    async def delivered(chunk: list[OutboxRow]) -> None:
+        await how.fence.record(newest_marks(r.callback for r in chunk))  # before the commit
+        claim.deliver(chunk)
 
     step = batch_max(client)
     running: set[asyncio.Task[None]] = set()
@@ -149,6 +175,16 @@ async def _send_laned(
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """How one pass works on each client."""
+
+    batch_limit: int
+    budget_s: float
+    concurrency: int
+    fence: DeliveredFence
 
 
 def _bury_if_spent(outbox: Outbox, claim: Claim, row: OutboxRow) -> bool:
