@@ -15,7 +15,9 @@ back after a newer one. The dangers are unacked older states:
   kind.
 
 The outbox's retry job (mesh/driver/callbacks/retry.py) is the other way a state can go out
-again: it records every callback it delivers here, and drops a row whose state is not newer.
+again: it records every callback it delivers, under keys of its own (`OUTBOX_SCOPE`: the
+notifier's marks count what it queued in the outbox as handed off, not delivered), and drops a
+row whose state is not newer than what it delivered before.
 
 The holder records such a task here *before* acking; the next holder checks redelivered messages
 against it and drops what is not newer. A mark only ever rises (compare and set on the key's
@@ -68,6 +70,7 @@ def newest_marks(states: Iterable[State]) -> dict[str, Mark]:
 
 
 _CAS_TRIES = 5  # two holders at most race on one task's key
+OUTBOX_SCOPE = "outbox."  # the retry job's deliveries (mesh/driver/callbacks/retry.py)
 
 
 def mark_of(run: int, attempt: int, state: str) -> Mark:
@@ -87,8 +90,11 @@ def _decode(data: bytes | None) -> Mark | None:
 
 
 class DeliveredFence:
-    def __init__(self, kv: KeyValue | None) -> None:
+    def __init__(self, kv: KeyValue | None, *, scope: str = "") -> None:
         self._kv = kv  # None: no shared fence (tests of the notifier alone)
+        # Keys of another meaning in the same bucket: `OUTBOX_SCOPE`, what the retry job
+        # delivered (the notifier's own marks also count what it queued in the outbox).
+        self._scope = scope
 
     async def already_sent(self, events: Sequence[State]) -> set[str]:
         """Event ids of `events` (redelivered ones) that are not newer than what was called
@@ -117,7 +123,7 @@ class DeliveredFence:
     async def _raise_to(self, task_id: str, mark: Mark) -> None:
         """The task's mark raised to `mark`, never lowered."""
         assert self._kv is not None
-        key = names.kv_key(task_id)
+        key = self._scope + names.kv_key(task_id)
         for _ in range(_CAS_TRIES):
             try:
                 entry = await self._kv.get(key)
@@ -140,7 +146,7 @@ class DeliveredFence:
     async def _get(self, task_id: str) -> Mark | None:
         assert self._kv is not None
         try:
-            entry = await self._kv.get(names.kv_key(task_id))
+            entry = await self._kv.get(self._scope + names.kv_key(task_id))
         except KeyNotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as exc:

@@ -30,7 +30,7 @@ from tidegate.driver.callbacks.retry import retry_pass, schedule_retries
 from tidegate.driver.callbacks.transport import Transports
 from tidegate.driver.clientapi import ClientApi
 from tidegate.driver.dispatch import Dispatcher
-from tidegate.driver.fence import DeliveredFence
+from tidegate.driver.fence import OUTBOX_SCOPE, DeliveredFence
 from tidegate.driver.gauges import Gauges
 from tidegate.driver.notify import Notifier
 from tidegate.driver.poison import PoisonWatch
@@ -317,7 +317,7 @@ class Driver:
                 self.transports,
                 self.clients.get,
                 concurrency=self.settings.driver.callback_concurrency,
-                fence=DeliveredFence(self.buckets.notify_fence),
+                fence=DeliveredFence(self.buckets.notify_fence, scope=OUTBOX_SCOPE),
             )
         except asyncio.CancelledError:
             # The driver is stopping (the scheduler cancels its running jobs): not an error

@@ -23,7 +23,7 @@ from test_callbacks import Client, make_callbacks
 from tidegate.driver.callbacks.outbox import Outbox, RetryPolicy, Term, TermPassed
 from tidegate.driver.callbacks.retry import RetryStats, retry_pass
 from tidegate.driver.callbacks.transport import Transports
-from tidegate.driver.fence import DeliveredFence, mark_of
+from tidegate.driver.fence import OUTBOX_SCOPE, DeliveredFence, mark_of, newest_marks
 from tidegate.store.migrate import migrate
 from tidegate.store.queries import Q
 from tidegate.store.store import Store
@@ -132,7 +132,11 @@ async def test_a_retry_pass_that_never_committed_does_not_send_a_tasks_states_ag
     await nc.connect(nats_url)
     transports = Transports(NATS(), timeout_s=2.0, allowed_nets=LOOPBACK)
     try:
-        fence = DeliveredFence(await nc.jetstream().create_key_value(bucket="fence_retry"))
+        kv = await nc.jetstream().create_key_value(bucket="fence_retry")
+        fence = DeliveredFence(kv, scope=OUTBOX_SCOPE)
+        # The notifier recorded these rows' marks when it queued them (handed off, not
+        # delivered): that must not make the retry job drop them.
+        await DeliveredFence(kv).record(newest_marks(make_callbacks("c", 4)))
         async with Receiver() as rx:
             client = Client(name="c", callback_url=rx.url())
             rows = make_callbacks("c", 4)  # k0 running, k0 succeeded, k1 running, k1 succeeded

@@ -11,9 +11,9 @@ at most one timeout per pass, and only its own client's.
 
 Delivered rows are deleted when the pass's transaction commits. A pass that never commits (its
 driver frozen or cut off after sending) leaves them to be sent again, a task's older states
-after its newer ones: so each delivery is recorded in the notifier's shared fence
-(mesh/driver/fence.py) before the commit, and a row the fence says was passed is dropped
-unsent.
+after its newer ones: so each delivery is recorded in the notifier's shared fence bucket
+(mesh/driver/fence.py, under the retry job's own keys) before the commit, and a row whose state
+is not newer than one delivered before is dropped unsent.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ async def retry_pass(
     `budget_s` bounds how long one client's transaction stays open: a slow but working
     endpoint is drained over several passes instead of pinning a connection for minutes.
     `concurrency`: requests in flight at once per client, in order per task (the notifier's
-    `callback_concurrency`). `fence`: the notifier's shared fence (see the module docstring).
+    `callback_concurrency`). `fence`: what the retry job delivered, in the notifier's fence
+    bucket (see the module docstring; `OUTBOX_SCOPE`).
     """
     stats = RetryStats()
     clients = await outbox.due_clients()
