@@ -8,13 +8,16 @@ exits, the key is rewritten as a plain cordon, so that a restarted executor (`ti
 restarts whatever exits) comes back cordoned and idle until an operator uncordons it.
 
 The key is the executor id: an executor started without `--executor-id` gets a new id (host and
-pid) at every start, and then a cordon does not outlive the process.
+pid) at every start, and then a cordon does not outlive the process. A worker of an executor
+with `--workers` (workers.py) follows every worker's key: a cordon or drain of any of them is one
+of the whole executor, and the executor is cordoned while any of its keys says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import msgspec
 from nats.js.errors import InvalidKeyError, KeyNotFoundError, KeyWrongLastSequenceError
@@ -35,29 +38,42 @@ MARK_RETRY = Backoff(base_s=0.2, cap_s=2.0)
 
 
 class ControlFollower:
-    def __init__(self, kv: KeyValue, agent: Executor) -> None:
+    def __init__(self, kv: KeyValue, agent: Executor, keys: Sequence[str] = ()) -> None:
         self._kv = kv
         self._agent = agent
+        self._keys = list(keys) or [agent.id]
+        self._orders: dict[str, ExecutorControl] = {}  # each key's value now
         self.drain_requested = asyncio.Event()
-        self._drain: tuple[ExecutorControl, int] | None = None  # the request and its revision
+        # The request, its key and revision.
+        self._drain: tuple[ExecutorControl, str, int] | None = None
 
     async def load(self) -> None:
         """Apply the current value before any fetch loop starts: a restarted executor must
         not take a single task before it knows it is cordoned."""
-        try:
-            entry = await self._kv.get(self._agent.id)
-        except KeyNotFoundError:
-            return
-        except InvalidKeyError:
-            # Its heartbeat could not be stored either: refuse to start rather than run unseen.
-            raise ConfigError(
-                f"executor id {self._agent.id!r} cannot be a KV key: use letters, digits "
-                "and - _ = / . (not first or last)"
-            ) from None
-        self._apply(entry)
+        for key in self._keys:
+            try:
+                entry = await self._kv.get(key)
+            except KeyNotFoundError:
+                continue
+            except InvalidKeyError:
+                # Its heartbeat could not be stored either: refuse to start rather than run unseen.
+                raise ConfigError(
+                    f"executor id {key!r} cannot be a KV key: use letters, digits "
+                    "and - _ = / . (not first or last)"
+                ) from None
+            self._apply(entry)
 
     async def run(self) -> None:
-        watcher = await self._kv.watch(self._agent.id)
+        if len(self._keys) == 1:
+            await self._follow(self._keys[0])
+            return
+        # A task group: one watch failing ends the others too, and the whole is restarted.
+        async with asyncio.TaskGroup() as group:
+            for key in self._keys:
+                group.create_task(self._follow(key))
+
+    async def _follow(self, key: str) -> None:
+        watcher = await self._kv.watch(key)
         try:
             async for entry in watcher:
                 if entry is not None:  # None: the end of the initial value
@@ -75,12 +91,14 @@ class ControlFollower:
                 log.warning("ignoring undecodable control entry %r: %s", entry.key, exc)
                 return
         if control is None:
-            self._agent.cordon(False, by="(control key removed)")
-            return
-        self._agent.cordon(control.cordoned or control.drain, by=control.by)
-        if control.drain and not self.drain_requested.is_set():
+            self._orders.pop(entry.key, None)
+        else:
+            self._orders[entry.key] = control
+        cordoned = any(c.cordoned or c.drain for c in self._orders.values())
+        self._agent.cordon(cordoned, by=control.by if control else "(control key removed)")
+        if control is not None and control.drain and not self.drain_requested.is_set():
             log.info("executor %s: drain requested by %s", self._agent.id, control.by)
-            self._drain = (control, entry.revision or 0)
+            self._drain = (control, entry.key, entry.revision or 0)
             self.drain_requested.set()
 
     async def mark_drained(self) -> None:
@@ -88,11 +106,13 @@ class ControlFollower:
         (say, uncordoned it during the drain: then the executor comes back active)."""
         if self._drain is None:
             return
-        request, revision = self._drain
+        request, key, revision = self._drain
         value = encode(ExecutorControl(cordoned=True, drain=False, by=request.by, at=now()))
         for failures in range(1, MARK_TRIES + 1):
             try:
-                await self._kv.update(self._agent.id, value, last=revision)
+                # Workers of one executor race here: the first rewrites it, the others find
+                # it changed (by their sibling) and keep it.
+                await self._kv.update(key, value, last=revision)
                 return
             except KeyWrongLastSequenceError:
                 log.info("executor %s: control key changed during the drain; kept", self._agent.id)

@@ -1,5 +1,6 @@
 """`tidegate executor`: one executor process, until SIGTERM/SIGINT or an operator's drain
-(either way it drains, then exits 0)."""
+(either way it drains, then exits 0). With `--workers` W > 1 this runs in each of W worker
+processes, under the supervisor in workers.py."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tidegate.executor.logserver import LogServer
 from tidegate.executor.spawn import use_pidfd_watcher
 from tidegate.executor.taskenv import TaskLaunch, keep_environ_private
 from tidegate.executor.tasklogs import make_private_root, prune_loop
+from tidegate.executor.workers import worker_group
 from tidegate.metrics import ExecutorMetrics, serve
 from tidegate.supervise import Supervisor
 from tidegate.wire import ClientRecord
@@ -54,7 +56,8 @@ async def run_executor(settings: Settings, stop: asyncio.Event) -> None:
         watch_cancels=True,
         launch=launch,
     )
-    control = ControlFollower(buckets.executor_control, agent)
+    # A worker of `--workers` follows its siblings' control keys too: one drain drains all.
+    control = ControlFollower(buckets.executor_control, agent, worker_group(agent.id))
     await control.load()
     sup = Supervisor(f"executor {agent.id}")
     sup.start("clients", clients.run)

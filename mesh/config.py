@@ -166,6 +166,8 @@ class ExecutorSettings:
     pool: str = "default"
     slots: int = 4
     executor_id: str = ""  # empty: host-pid
+    # Worker processes sharing the slots (executor/workers.py); 1: this process runs the tasks.
+    executor_workers: int = 1
     kill_grace_s: float = 5.0  # SIGTERM, then SIGKILL after this
     log_tail_bytes: int = 4096
     log_max_bytes: int = 1024 * 1024

@@ -182,6 +182,13 @@ EXECUTOR = (
     opt("--slots", type=positive_int, setting="executor.slots", help="tasks run at once"),
     opt("--executor-id", setting="executor.executor_id", help="its name (default host-pid)"),
     opt(
+        "--workers",
+        type=positive_int,
+        setting="executor.executor_workers",
+        help="worker processes sharing the slots, each executor <id>-w<i> (default 1: this "
+        "process); for an executor bound by one Python process's CPU",
+    ),
+    opt(
         "--metrics-port",
         type=port,
         setting="executor.metrics_port",

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from tidegate.cli.commands import Command
-from tidegate.cli.options import settings_from
+from tidegate.cli.options import GLOBAL, Option, settings_from
 from tidegate.config import Settings
 from tidegate.driver.main import run_driver
 from tidegate.endpoints import with_connection
 from tidegate.executor.main import run_executor
+from tidegate.executor.workers import WorkerSupervisor
 from tidegate.store.migrate import migrate as apply_migrations
 from tidegate.supervise import install_stop_signals
 
@@ -33,7 +34,22 @@ def driver(args: argparse.Namespace, command: Command) -> int:
 
 
 def executor(args: argparse.Namespace, command: Command) -> int:
-    return _run_component(run_executor, with_connection(settings_from(args, command.options)))
+    settings = with_connection(settings_from(args, command.options))
+    if settings.executor.executor_workers > 1:
+        # A supervisor of worker processes, each this same command with its share of the slots.
+        given = [*_given_flags(args, GLOBAL), *_given_flags(args, command.options)]
+        return WorkerSupervisor(settings.executor, ["executor", *given]).run()
+    return _run_component(run_executor, settings)
+
+
+def _given_flags(args: argparse.Namespace, options: Sequence[Option]) -> list[str]:
+    """The flags given (with a value) among `options`, as they would be typed again."""
+    flags: list[str] = []
+    for option in options:
+        value = getattr(args, option.dest, None)
+        if value is not None:
+            flags += [option.flags[0], str(value)]
+    return flags
 
 
 def migrate(args: argparse.Namespace, command: Command) -> int:

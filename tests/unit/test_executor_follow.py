@@ -101,9 +101,9 @@ async def test_drain_cordons_and_asks_to_stop_once() -> None:
     f = follower(a)
     f._apply(entry(control(cordoned=False, drain=True), revision=7))
     assert a.cordoned and f.drain_requested.is_set()
-    assert f._drain is not None and f._drain[1] == 7
+    assert f._drain is not None and f._drain[1:] == ("exec-0", 7)
     f._apply(entry(control(cordoned=False, drain=True), revision=8))  # the watch repeats it
-    assert f._drain[1] == 7
+    assert f._drain[1:] == ("exec-0", 7)
 
 
 @pytest.mark.parametrize("reserved", [0, 1])
