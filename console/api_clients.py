@@ -15,7 +15,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Request, get, patch, post
 from litestar.params import JSONBody, PathParameter
-from litestar.status_codes import HTTP_201_CREATED, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.status_codes import (
+    HTTP_200_OK,
+    HTTP_201_CREATED,
+    HTTP_409_CONFLICT,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
 from litestar.types import ControllerRouterHandler
 from msgspec import UNSET, UnsetType
 
@@ -23,6 +28,8 @@ from tidegate.console import clientform, clients
 from tidegate.console.api_auth import staff_only
 from tidegate.console.api_errors import ApiError, errors
 from tidegate.console.auth import operator_only
+from tidegate.console.natscreds import CredentialsFailed, no_users_note
+from tidegate.embedded.natsauth import ClientCredentials
 from tidegate.errors import StoreError, UnknownClient
 from tidegate.store.rows import ClientHealth
 from tidegate.store.store import ClientChanges
@@ -64,10 +71,28 @@ class ClientList(msgspec.Struct, frozen=True, kw_only=True):
     problems: list[str]  # what could not be read (figures shown as 0 there), in words
 
 
+class NatsCredentialsOut(msgspec.Struct, frozen=True, kw_only=True):
+    """What the client system connects to NATS with (`TidegateClient.connect(url, name,
+    user=…, password=…, inbox_prefix=…)`); the password is shown this once."""
+
+    user: str
+    password: str
+    inbox_prefix: str
+
+
 class ClientSaved(msgspec.Struct, frozen=True, kw_only=True):
     client: ClientOut
     # The HTTP callback secret, when this request set or generated it: shown this once.
     callback_secret: str | None = None
+    # Its NATS credentials, when this request issued them (an add): shown this once.
+    nats_credentials: NatsCredentialsOut | None = None
+    # Why an add issued none, and how to get them (this console does not keep the users).
+    nats_credentials_note: str | None = None
+
+
+class NatsCredentialsIssued(msgspec.Struct, frozen=True, kw_only=True):
+    client: str
+    nats_credentials: NatsCredentialsOut
 
 
 class ClientNew(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -179,10 +204,39 @@ def action_of(changes: msgspec.Struct) -> str:
 
 
 async def _saved(
-    request: Request[Any, Any, Any], record: ClientRecord, secret: str | None
+    request: Request[Any, Any, Any],
+    record: ClientRecord,
+    secret: str | None,
+    creds: ClientCredentials | None = None,
+    note: str | None = None,
 ) -> ClientSaved:
     view = await clients.client_view(request.app.state, record)
-    return ClientSaved(client=client_out(view), callback_secret=secret)
+    return ClientSaved(
+        client=client_out(view),
+        callback_secret=secret,
+        nats_credentials=None if creds is None else _creds_out(creds),
+        nats_credentials_note=note,
+    )
+
+
+def _creds_out(creds: ClientCredentials) -> NatsCredentialsOut:
+    return NatsCredentialsOut(
+        user=creds.user, password=creds.password, inbox_prefix=creds.inbox_prefix
+    )
+
+
+async def _issue(
+    request: Request[Any, Any, Any], record: ClientRecord, on: str
+) -> ClientCredentials | None:
+    """As the pages issue them; a failure is a 503 saying what was done already."""
+    try:
+        return await clients.issue_credentials(request, record, on)
+    except CredentialsFailed as exc:
+        done = f"client {record.name} was added, but " if on == "add" else ""
+        raise ApiError(
+            HTTP_503_SERVICE_UNAVAILABLE,
+            f"{done}{exc} (POST /api/v1/clients/{record.name}/nats-credentials)",
+        ) from None
 
 
 @get(
@@ -208,7 +262,24 @@ async def add_client(request: Request[Any, Any, Any], data: JSONBody[ClientNew])
     form = clientform.form_from(msgspec.structs.asdict(data))
     record = await clients.add_from_form(request, form)
     shown = record.callback_secret if record.callback_url else None
-    return await _saved(request, record, shown)
+    creds = await _issue(request, record, "add")
+    note = None if creds is not None else no_users_note(record.name)
+    return await _saved(request, record, shown, creds, note)
+
+
+async def _current(request: Request[Any, Any, Any], name: str) -> ClientRecord:
+    try:
+        current: ClientRecord | None = await asyncio.wait_for(
+            request.app.state.store.get_client(name), clients.READ_TIMEOUT_S
+        )
+    except (TimeoutError, StoreError, OSError) as exc:
+        raise ApiError(
+            HTTP_503_SERVICE_UNAVAILABLE,
+            f"PostgreSQL did not answer ({exc or 'timeout'}); nothing was changed",
+        ) from None
+    if current is None:
+        raise UnknownClient(f"no client {name!r}; see GET /api/v1/clients")
+    return current
 
 
 @patch(
@@ -222,17 +293,7 @@ async def change_client(
     name: Annotated[str, PathParameter(description="the client's name")],
     data: JSONBody[ClientPatch],
 ) -> ClientSaved:
-    try:
-        current = await asyncio.wait_for(
-            request.app.state.store.get_client(name), clients.READ_TIMEOUT_S
-        )
-    except (TimeoutError, StoreError, OSError) as exc:
-        raise ApiError(
-            HTTP_503_SERVICE_UNAVAILABLE,
-            f"PostgreSQL did not answer ({exc or 'timeout'}); nothing was changed",
-        ) from None
-    if current is None:
-        raise UnknownClient(f"no client {name!r}; see GET /api/v1/clients")
+    current = await _current(request, name)
     given = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not UNSET}
     paused = given.pop("paused", None)
     if given.get("callback_url") and "transport" not in given:
@@ -250,4 +311,27 @@ async def change_client(
     return await _saved(request, record, secret if secret != current.callback_secret else None)
 
 
-ROUTES: list[ControllerRouterHandler] = [list_clients, add_client, change_client]
+@post(
+    "/clients/{name:str}/nats-credentials",
+    guards=[operator_only],
+    status_code=HTTP_200_OK,
+    summary="New NATS credentials for a client (the old password is refused from then on)",
+    responses=errors(401, 403, 404, 409, 503),
+)
+async def new_nats_credentials(
+    request: Request[Any, Any, Any],
+    name: Annotated[str, PathParameter(description="the client's name")],
+) -> NatsCredentialsIssued:
+    current = await _current(request, name)
+    creds = await _issue(request, current, "rotate")
+    if creds is None:
+        raise ApiError(HTTP_409_CONFLICT, no_users_note(name))
+    return NatsCredentialsIssued(client=name, nats_credentials=_creds_out(creds))
+
+
+ROUTES: list[ControllerRouterHandler] = [
+    list_clients,
+    add_client,
+    change_client,
+    new_nats_credentials,
+]

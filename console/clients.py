@@ -17,9 +17,13 @@ from typing import Annotated, Any
 from litestar import Request, get, post
 from litestar.datastructures import State
 from litestar.enums import RequestEncodingType
-from litestar.params import Body, FromPath
+from litestar.params import Body, FromPath, FromQuery
 from litestar.response import Redirect, Response, Template
-from litestar.status_codes import HTTP_422_UNPROCESSABLE_ENTITY, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.status_codes import (
+    HTTP_409_CONFLICT,
+    HTTP_422_UNPROCESSABLE_ENTITY,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
 from litestar.types import ControllerRouterHandler
 from nats.js import JetStreamContext
 
@@ -35,7 +39,9 @@ from tidegate.console.backlog import (
 )
 from tidegate.console.clientform import ClientForm, FormError, changes_of, parse_form
 from tidegate.console.link import BusLink
+from tidegate.console.natscreds import CredentialsFailed, issue_or_fail, no_users_note, plain, users
 from tidegate.console.sources import kv_values, subject_totals
+from tidegate.embedded.natsauth import ClientCredentials
 from tidegate.endpoints import callback_nets
 from tidegate.errors import StoreError, TidegateError, UnknownClient
 from tidegate.registry import add_client, change_client
@@ -290,17 +296,78 @@ async def new_client_form() -> Template:
     )
 
 
-@get("/clients/{name:str}/edit")
-async def edit_client_form(state: State, name: FromPath[str]) -> Template | Response[str]:
+async def _stored(state: State, name: str) -> ClientRecord | Response[str]:
+    """The client as stored, or the page's answer why not."""
     try:
         record = await asyncio.wait_for(state.store.get_client(name), READ_TIMEOUT_S)
-    except (TimeoutError, StoreError) as exc:
+    except (TimeoutError, StoreError, OSError) as exc:
         return _failure(ServiceDown(f"PostgreSQL did not answer ({exc or 'timeout'})"))
-    if record is None:
-        return _failure(UnknownClient(f"no client {name!r}"))
-    return Template(
-        template_name="client_form.html", context={"record": record, "error": "", "nav": "clients"}
-    )
+    return record or _failure(UnknownClient(f"no client {name!r}"))
+
+
+def _client_page(
+    state: State,
+    record: ClientRecord,
+    *,
+    creds: ClientCredentials | None = None,
+    error: str = "",
+    added: bool = False,
+    status: int = 200,
+) -> Template:
+    """A client's page (its form), with the NATS credentials just issued shown this once."""
+    context = {
+        "record": record,
+        "error": error,
+        "added": added,
+        "nats_creds": creds,
+        "nats_kept": users(state.settings) is not None,
+        "nats_note": no_users_note(record.name),
+        "nats_url": plain(state.settings.connection.nats_url or "nats://HOST:4222"),
+        "nav": "clients",
+    }
+    # A password on the page: no cache may keep it (the page is shown once).
+    headers = {"Cache-Control": "no-store"} if creds else None
+    return Template("client_form.html", context=context, status_code=status, headers=headers)
+
+
+@get("/clients/{name:str}/edit")
+async def edit_client_form(
+    state: State, name: FromPath[str], added: FromQuery[bool] = False
+) -> Template | Response[str]:
+    found = await _stored(state, name)
+    return found if isinstance(found, Response) else _client_page(state, found, added=added)
+
+
+async def issue_credentials(
+    request: Request[Any, Any, Any], record: ClientRecord, on: str
+) -> ClientCredentials | None:
+    """The client's NATS credentials (new ones), audited without the password; None where
+    this console does not keep the server's users. Raises CredentialsFailed."""
+    creds = await issue_or_fail(request.app.state.settings, record.name)
+    if creds is not None:
+        details = {"user": creds.user, "on": on}
+        await _audit(
+            request.app.state.store, request, "client.nats-credentials", record.name, details
+        )
+    return creds
+
+
+@post("/clients/{name:str}/nats-credentials", guards=[operator_only])
+async def new_nats_credentials(
+    request: Request[Any, Any, Any], name: FromPath[str]
+) -> Template | Response[str]:
+    """New credentials (rotation: the old password is refused once the server reloaded)."""
+    state = request.app.state
+    found = await _stored(state, name)
+    if isinstance(found, Response):
+        return found
+    try:
+        creds = await issue_credentials(request, found, "rotate")
+    except CredentialsFailed as exc:
+        return _client_page(state, found, error=str(exc), status=HTTP_503_SERVICE_UNAVAILABLE)
+    if creds is None:
+        return _client_page(state, found, error=no_users_note(name), status=HTTP_409_CONFLICT)
+    return _client_page(state, found, creds=creds)
 
 
 async def add_from_form(request: Request[Any, Any, Any], form: ClientForm) -> ClientRecord:
@@ -339,7 +406,17 @@ async def create_client(request: Request[Any, Any, Any], data: Form) -> Response
         record = await add_from_form(request, parse_form(data))
     except TidegateError as exc:
         return _form_again(None, data, exc)
-    return Redirect(f"/clients#client-{record.name}")
+    state = request.app.state
+    try:
+        creds = await issue_credentials(request, record, "add")
+    except CredentialsFailed as exc:
+        error = f"client {record.name} was added, but {exc} (New NATS credentials, below)"
+        return _client_page(
+            state, record, error=error, added=True, status=HTTP_503_SERVICE_UNAVAILABLE
+        )
+    if creds is None:  # the client's page says how to get them
+        return Redirect(f"/clients/{record.name}/edit?added=1")
+    return _client_page(state, record, creds=creds, added=True)
 
 
 @post("/clients/{name:str}", guards=[operator_only])
@@ -381,4 +458,5 @@ ROUTES: list[ControllerRouterHandler] = [
     edit_client_form,
     create_client,
     update_client,
+    new_nats_credentials,
 ]

@@ -14,17 +14,15 @@ import asyncio
 import json
 import os
 import sys
-import time
-from urllib.parse import urlsplit, urlunsplit
 
 import bcrypt  # noqa: F401  (natsauth hashes with it: the `server` extra, named if missing)
-import nats
 
-from tidegate.bus import natstls
-from tidegate.bus.natsconn import servers
 from tidegate.cli.commands import Command
 from tidegate.cli.options import settings_from
 from tidegate.config import Settings
+
+# Shared with the web console (which may not import the command line).
+from tidegate.console.natscreds import RELOAD_S, issue, plain, users, wait_applied
 from tidegate.embedded.natsauth import (
     COMPONENTS,
     AuthFiles,
@@ -36,68 +34,7 @@ from tidegate.embedded.natsauth import (
 from tidegate.endpoints import nats_users_dir, resolve_connection
 from tidegate.errors import ConfigError
 
-RELOAD_S = 10.0  # how long the server may take to apply a reload
-
-
-def users(settings: Settings) -> AuthFiles | None:
-    found = nats_users_dir(settings)
-    return None if found is None else AuthFiles(found)
-
-
-async def _quiet(exc: Exception) -> None:
-    """A refusal is what is being waited for (or out): not worth a traceback."""
-
-
-async def _accepted(url: str, user: str, password: str) -> bool:
-    try:
-        nc = await nats.connect(
-            servers(url),
-            user=user,
-            password=password,
-            allow_reconnect=False,
-            connect_timeout=2,
-            max_reconnect_attempts=0,
-            error_cb=_quiet,
-            tls=natstls.from_env(),  # a cluster with TLS (TIDEGATE_NATS_TLS_*)
-        )
-    except Exception:
-        return False
-    await nc.close()
-    return True
-
-
-async def wait_applied(url: str, user: str, password: str, *, accepted: bool) -> None:
-    """Until the server accepts (or refuses) these credentials; ConfigError after RELOAD_S."""
-    deadline = time.monotonic() + RELOAD_S
-    while await _accepted(url, user, password) != accepted:
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                f"the NATS server did not {'accept' if accepted else 'refuse'} {user!r} within "
-                f"{RELOAD_S:.0f}s of a reload; see its log (DATA_DIR/nats/nats-server.log)"
-            )
-        await asyncio.sleep(0.1)
-
-
-def _plain(url: str) -> str:
-    """The servers of `url` without credentials in them (the check connects as `user`)."""
-    out = []
-    for one in servers(url):
-        parts = urlsplit(one)
-        out.append(urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])))
-    return ",".join(out)
-
-
-async def issue(settings: Settings, client: str) -> ClientCredentials | None:
-    """New NATS credentials for `client`, in effect when this returns (beside a running
-    `up`); None when this deployment's NATS users are not kept by Tidegate."""
-    found = users(settings)
-    if found is None:
-        return None
-    creds = await asyncio.to_thread(found.add_client, client)
-    if found.reload() is not None:
-        url = _plain(resolve_connection(settings).nats_url)
-        await wait_applied(url, creds.user, creds.password, accepted=True)
-    return creds
+__all__ = ["RELOAD_S", "credentials_json", "issue", "print_credentials", "users", "wait_applied"]
 
 
 def credentials_json(creds: ClientCredentials | None, name: str) -> dict[str, str | None]:
@@ -143,7 +80,7 @@ async def _revoke(settings: Settings, found: AuthFiles, name: str, *, as_json: b
     had = await asyncio.to_thread(found.remove_client, name)
     if had and found.reload() is not None:
         user = client_user(name)
-        url = _plain(resolve_connection(settings).nats_url)
+        url = plain(resolve_connection(settings).nats_url)
         # A wrong password is refused as well: what is checked is that the user is gone.
         await wait_applied(url, user, "-", accepted=False)
     if as_json:
