@@ -24,6 +24,7 @@ from typing import Final
 from nats.aio.msg import Msg
 
 from tidegate import names
+from tidegate.bus.natsconn import round_trip
 from tidegate.bus.publish import Outgoing, PubAck, Publisher
 from tidegate.executor.reports import report
 from tidegate.executor.workmsg import (
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 # write and a round trip per attempt in a flood.
 LINGER_S: Final = 0.02
 BATCH_MAX: Final = 512  # a batch this full goes at once
-FLUSH_TIMEOUT_S: Final = 2  # seconds (nats-py takes an int)
+FLUSH_TIMEOUT_S: Final = 2.0  # seconds
 
 
 @dataclass(eq=False)
@@ -155,7 +156,7 @@ class Settler:
                 else:
                     _finish(p, False)
             try:
-                await nc.flush(timeout=FLUSH_TIMEOUT_S)
+                await round_trip(nc, FLUSH_TIMEOUT_S)
             except Exception as exc:
                 log.warning("acks of %d tasks not confirmed (%s), try %d", len(todo), exc, failures)
                 await asyncio.sleep(ACK_RETRY.delay(failures))

@@ -17,6 +17,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from tidegate.bus.natsconn import round_trip
+
 log = logging.getLogger(__name__)
 
 _ACK_PREFIX = "$JS.ACK."
@@ -100,7 +102,7 @@ async def hand_back(nc: NATS, *, timeout: float = 1.0) -> int:
         with contextlib.suppress(Exception):
             await nc._send_unsubscribe(sub._id)
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(nc.flush(), timeout)
+        await round_trip(nc, timeout)
     if TAKEN.fetches:  # pulls that outlived their cancelled callers end within their wait
         await asyncio.wait(set(TAKEN.fetches), timeout=timeout + _LONGEST_PULL_WAIT_S)
     handed = 0
@@ -111,5 +113,5 @@ async def hand_back(nc: NATS, *, timeout: float = 1.0) -> int:
             await msg.nak()
             handed += 1
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(nc.flush(), timeout)
+        await round_trip(nc, timeout)
     return handed

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import re
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -13,6 +15,19 @@ from tidegate import names
 from tidegate.bus import natstls
 
 log = logging.getLogger(__name__)
+
+
+async def round_trip(nc: NATS, timeout: float) -> None:
+    """Return once the server has processed every command this connection sent before the
+    call (subscriptions, publishes, acks); raise if it does not answer within `timeout`.
+
+    nats-py 2.16's `flush()` alone does not promise that: it writes its PING straight to the
+    socket, ahead of the commands still queued for the client's flusher task, so its PONG can
+    come back before the server has seen them. Handing the queue to the socket first puts the
+    PING behind them on the same TCP stream."""
+    async with asyncio.timeout(timeout):
+        await nc._flush_pending(force_flush=True)
+        await nc.flush(timeout=max(1, math.ceil(timeout)))
 
 
 def servers(url: str) -> list[str]:

@@ -27,6 +27,7 @@ from upharness import Up, new_up
 
 from tidegate import names
 from tidegate.bus.lease import Leases
+from tidegate.bus.natsconn import round_trip
 from tidegate.bus.topology import ensure_all
 from tidegate.client import TidegateClient
 from tidegate.config import Limits
@@ -151,7 +152,7 @@ async def _collect(operator: Session, *subjects: str) -> list[Msg]:
 
     for subject in subjects:
         await operator.nc.subscribe(subject, cb=on_msg)
-    await operator.nc.flush()
+    await round_trip(operator.nc, 5)
     return got
 
 
@@ -207,7 +208,7 @@ async def test_a_client_cannot_receive_another_clients_callbacks(secured: Secure
 
     await alpha.nc.subscribe(names.callback_subject("beta"), cb=answer)
     await alpha.nc.subscribe(names.callback_subject("alpha"), cb=answer)
-    await alpha.nc.flush()
+    await round_trip(alpha.nc, 5)
     await alpha.refused(f'subscription to "{names.callback_subject("beta")}"')
     # Its own callbacks reach it and it may answer them; B's have nobody to go to.
     own = await operator.nc.request(names.callback_subject("alpha"), b"{}", timeout=5)
@@ -226,7 +227,7 @@ async def test_a_client_cannot_publish_work_or_events(secured: Secured) -> None:
     await alpha.nc.publish(forged_work, b'{"argv": ["/bin/sh", "-c", "id"]}')
     await alpha.nc.publish(forged_event, b'{"state": "succeeded"}')
     await alpha.nc.publish(marker, b"after the forged ones")
-    await alpha.nc.flush()
+    await round_trip(alpha.nc, 5)
 
     async def marker_seen() -> bool:
         return any(m.subject == marker for m in got)
@@ -255,7 +256,7 @@ async def test_a_client_cannot_read_the_clients_bucket(secured: Secured) -> None
         await alpha.refused(subject)
     # Nor listen to the replies of anyone else's requests (its inbox is its own).
     await alpha.nc.subscribe("_INBOX.>")
-    await alpha.nc.flush()
+    await round_trip(alpha.nc, 5)
     await alpha.refused('subscription to "_inbox.>"')
 
 
@@ -266,7 +267,7 @@ async def test_an_executor_cannot_submit_or_take_the_notifier_lease(secured: Sec
     got = await _collect(operator, names.SUBMIT_ALL, marker)
     await executor.nc.publish(names.submit_subject("alpha"), b'{"key": "x", "argv": ["id"]}')
     await executor.nc.publish(marker, b"after the forged submission")
-    await executor.nc.flush()
+    await round_trip(executor.nc, 5)
 
     async def marker_seen() -> bool:
         return any(m.subject == marker for m in got)
