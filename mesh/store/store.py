@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, Unpack
@@ -149,20 +149,19 @@ class Store:
         """One connection and one transaction: committed when the block ends, rolled back if
         it raises.
 
-        The commit cap's turn is taken when the block ends, just before the commit: what the
-        database counts is the commit, and a transaction held open for seconds (the callback
-        retry job sends while it holds its claim) must not keep a place in the window all
-        along. A rolled-back transaction commits nothing and takes no turn.
+        The commit cap's turn is taken first and held until the transaction ends, as for a
+        single statement: whoever waits for a turn holds nothing else. A transaction that
+        waited for its turn at the commit, holding its connection and its row locks, could
+        wait forever: seen at a cap of 3/s, a notifier term waiting for an outbox write's share
+        lock held the callback lane's only turn in flight, and the outbox write waited for
+        that turn. A long transaction (the callback retry job sends while it holds its claim)
+        keeps its place in the window all along; the lanes' shares bound how much of the
+        window one writer can hold (pace.py). A rolled-back transaction is counted too.
         """
         with failing(what):
-            # Left in reverse: commit, then the connection back to the pool, then the turn.
-            async with (
-                AsyncExitStack() as turn,
-                self._pool.connection() as conn,
-                conn.transaction(),
-            ):
+            # Left in reverse: commit or rollback, the connection back to the pool, the turn.
+            async with self._turn(), self._pool.connection() as conn, conn.transaction():
                 yield Session(conn)
-                await turn.enter_async_context(self._turn())
 
     async def execute(
         self, query: str, params: Params | None = None, *, what: str | None = None

@@ -25,6 +25,7 @@ from tidegate.driver.callbacks.retry import RetryStats, retry_pass
 from tidegate.driver.callbacks.transport import Transports
 from tidegate.driver.fence import OUTBOX_SCOPE, DeliveredFence, mark_of, newest_marks
 from tidegate.store.migrate import migrate
+from tidegate.store.pace import CALLBACKS, CommitPace
 from tidegate.store.queries import Q
 from tidegate.store.store import Store
 from tidegate.wire import Succeeded
@@ -87,6 +88,53 @@ async def test_a_later_term_waits_for_a_write_in_flight_and_then_sees_its_rows(
             assert not begin.done()
         pending = await asyncio.wait_for(begin, 10)  # committed: the new term goes on
     assert "late" in pending
+
+
+async def test_a_new_term_and_an_outbox_write_in_flight_both_finish_under_a_tight_cap(
+    database_url: str,
+) -> None:
+    """The wedge a 300-task benchmark hit at a cap of 3/s: an outbox write holds the term row
+    in share mode while a new term's statement waits for that lock. When the write took its
+    turn only at its commit, the waiting statement held the lane's only turn in flight and the
+    write waited for it, forever. A transaction now holds its turn from its start, so the
+    statement waits for the turn, holding nothing, and both finish."""
+    await migrate(database_url)
+    pace = CommitPace(1.0)  # the callback lane may have one turn in flight
+    lane = pace.lane(CALLBACKS)
+    async with (
+        Store(database_url, max_size=4, pace=lane) as store,
+        await psycopg.AsyncConnection.connect(database_url, autocommit=True) as watch,
+    ):
+        paced = Outbox(store, RetryPolicy(base_s=0.01, cap_s=0.05))
+        await paced.begin_term(Term(5, 10), "driver-a")
+        holding = asyncio.Event()
+        release = asyncio.Event()
+
+        async def earlier_write() -> None:
+            async with store.transaction() as tx:
+                await tx.fetch_one(Q.notify_term_share, {"partition": 5})
+                holding.set()
+                await release.wait()
+
+        write = asyncio.create_task(earlier_write())
+        await asyncio.wait_for(holding.wait(), 10)
+        begin = asyncio.create_task(paced.begin_term(Term(5, 20), "driver-b"))
+
+        async def blocked() -> bool:
+            """The new term waits: for a turn (as it should) or on the row lock (holding the
+            turn: the wedge)."""
+            cur = await watch.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                ("%notify_terms%",),
+            )
+            row = await cur.fetchone()
+            return bool(lane.waiters) or bool(row and row[0])
+
+        await wait_for(blocked, timeout=10, what="the new term to wait for the write")
+        assert not begin.done()
+        release.set()
+        await asyncio.wait_for(asyncio.gather(write, begin), 15)
 
 
 async def test_a_fence_mark_only_rises(nats_url: str) -> None:

@@ -127,24 +127,25 @@ async def test_a_task_finishing_after_the_linger_is_two_row_writes(
     assert writes[-1] == ("UPDATE", "succeeded")
 
 
-async def test_every_store_transaction_takes_a_turn_at_its_commit(database_url: str) -> None:
-    """A paced Store: a statement is a turn; a transaction takes its turn only when it commits
-    (held open, it keeps no place in the window); a rolled-back one takes none."""
+async def test_every_store_transaction_holds_a_turn_from_its_start_to_its_end(
+    database_url: str,
+) -> None:
+    """A paced Store: a statement is a turn, and so is a whole transaction, taken before its
+    connection and held until it ends, committed or rolled back: whoever waits for a turn
+    holds no connection and no lock (see `Store.transaction`)."""
     pace = CommitPace(1.0)  # one commit per second: every turn after the first waits
     lane = pace.lane(CALLBACKS)
     async with Store(database_url, max_size=2, pace=lane) as store:
         loop = asyncio.get_running_loop()
         async with store.transaction() as tx:
             await tx.fetch_one("SELECT 1 AS one")
-            assert pace.in_flight == 0 and lane.turns == 0  # open, not committing yet
-            # Meanwhile another statement goes at once: the open transaction holds no turn.
-            await store.fetch_one("SELECT 1 AS one")
-            assert lane.turns == 1
+            assert pace.in_flight == 1 and lane.turns == 1  # held while open
             began = loop.time()
-        # The commit waited for the window to move on past the statement's turn.
+        # The next one waits for the window to move on past the transaction's end.
+        await store.fetch_one("SELECT 1 AS one")
         assert lane.turns == 2 and loop.time() - began >= 0.9
         with contextlib.suppress(RuntimeError):
             async with store.transaction() as tx:
                 await tx.fetch_one("SELECT 1 AS one")
                 raise RuntimeError("rolled back")
-        assert lane.turns == 2 and pace.in_flight == 0
+        assert lane.turns == 3 and pace.in_flight == 0

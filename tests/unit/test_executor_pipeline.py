@@ -81,6 +81,9 @@ class FakeClient:
         assert payload == b"+ACK"
         self.wire.log.append(("ack", subject))
 
+    async def _flush_pending(self, force_flush: bool = False) -> None:
+        """What `round_trip` hands to the socket before its PING: here, already on the wire."""
+
     async def flush(self, timeout: int) -> None:
         if self.wire.flush_failures:
             self.wire.flush_failures -= 1
