@@ -12,7 +12,8 @@ clients; peak RSS and CPU per component (`usage`); and the backlog of every stag
 (`timeline`, also the progress line).
 
 The modules: `model` (config and result structs), `stack` (the private servers and processes),
-`measure` (commit counter, poller, table statistics; what the figures are worth), `figures`
+`measure` (commit counter, poller, table statistics; what the figures are worth), `committs`
+(every write commit's exact time, from PostgreSQL's commit timestamps), `figures`
 (percentiles, ratios, lags: pure), `flood` (one mode's run), `run` (ceilings, every mode,
 cleanup), `report` (table, markdown, JSON) and `plot` (the PNG, with the optional `bench`
 extra); the command line is `tidegate.cli.bench`. `bench/peers/` (outside the package) runs

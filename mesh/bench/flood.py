@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError, NotFoundError
 
 from tidegate import names
+from tidegate.bench.committs import busiest_window, commit_times, maintenance_runs, next_xid
 from tidegate.bench.figures import lags, per_second, share_count, spread
 from tidegate.bench.measure import CommitMeter, Poller, peak_rate, table_stats
 from tidegate.bench.model import CALLED_BACK, COMMAND, POOL, BenchError, FloodConfig, ModeResult
@@ -109,9 +110,11 @@ async def _flood_with_sink(
     result.sensitive_clients = len(sink.sensitive)
     result.sensitive_tasks, result.callbacks_expected = expected_callbacks(cfg)
     await _register(stack, js, settings, cfg.clients, sink)
+    maintenance = await _maintenance_runs(stack)  # before the baseline: a read commits too
     async with await psycopg.AsyncConnection.connect(stack.admin_url, autocommit=True) as mc:
         meter = CommitMeter(mc)
         baseline = await meter.settled()
+        first_xid = await next_xid(mc)
         stack.spawn("driver", "driver", "--persist", mode)
         for i in range(cfg.executors):
             stack.spawn(
@@ -134,8 +137,18 @@ async def _flood_with_sink(
         stack.stop_children()
         stack.check_stopped()
         result.commits = await meter.settled() - baseline - result.poller_commits
+        written = await commit_times(mc, first_xid, await next_xid(mc))
+    result.write_commits = len(written)
+    result.peak_write_commits_1s = busiest_window(written)
+    result.commit_cap_per_s = settings.driver.projector_max_commits_per_s
+    result.maintenance_runs = await _maintenance_runs(stack) - maintenance
     await table_stats(stack.database_url, result)
     await _callback_figures(stack, cfg, sink, result)
+
+
+async def _maintenance_runs(stack: Stack) -> int:
+    async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
+        return int(await maintenance_runs(conn))
 
 
 def _usage_meter(stack: Stack) -> UsageMeter:

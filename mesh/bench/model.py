@@ -54,7 +54,13 @@ class ModeResult(msgspec.Struct, kw_only=True):
     commits: int | None = None  # the database's commits, the poller's own subtracted
     poller_commits: int = 0
     commits_per_task: float | None = None
+    # Over 1 s of pg_stat samples, which can hold up to 2 s of one backend's (measure.py).
     peak_commits_per_s: float | None = None
+    # Exact, from commit timestamps (committs.py): every write transaction of the cluster.
+    write_commits: int | None = None
+    peak_write_commits_1s: int | None = None  # the most in any one-second window
+    commit_cap_per_s: float | None = None  # the driver's cap it ran with
+    maintenance_runs: int | None = None  # autovacuum and autoanalyze runs meanwhile
     rows_written: int | None = None  # n_tup_ins + n_tup_upd over the tasks partitions
     rows_per_task: float | None = None
     error: str | None = None

@@ -14,6 +14,7 @@ from typing import Final
 
 import psutil
 
+from tidegate.bench.committs import PG_OPTIONS
 from tidegate.bench.model import BenchError
 from tidegate.embedded.children import kill_trees, signal_alive, spawn_component
 from tidegate.embedded.servers import EmbeddedNats, EmbeddedPostgres
@@ -44,7 +45,7 @@ class Stack:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.nats = EmbeddedNats(root / "nats")
-        self.pg = EmbeddedPostgres(root)
+        self.pg = EmbeddedPostgres(root, options=PG_OPTIONS)
         self.children: list[_Child] = []
         self.nats_url = ""
         self.admin_url = ""  # the `postgres` database: where the commit sampler connects

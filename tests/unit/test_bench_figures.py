@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tidegate.bench.ceilings import Ceilings
+from tidegate.bench.committs import busiest_window
 from tidegate.bench.figures import Spread, lags, per_second, rates, ratio, share_count, spread
 from tidegate.bench.flood import expected_callbacks, sensitive_names
 from tidegate.bench.model import FloodConfig, FloodReport, Machine, ModeResult
@@ -192,3 +193,12 @@ def test_png_has_a_column_per_mode(tmp_path: Path) -> None:
     report.modes["per-event"] = ModeResult(persist="per-event", tasks=10, error="died")
     assert write_png(report, tmp_path / "flood.png")
     assert (tmp_path / "flood.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_busiest_window_counts_commits_within_one_second_of_each_other() -> None:
+    assert busiest_window([]) == 0
+    assert busiest_window([5.0]) == 1
+    # 0.0 and 1.0 are a second apart: never in one half-open window [t, t + 1).
+    assert busiest_window([0.0, 1.0, 2.0, 3.0]) == 1
+    assert busiest_window([0.0, 0.5, 0.99, 1.0, 1.4, 3.0]) == 4  # 0.5 … 1.4
+    assert busiest_window([0.0, 0.1, 0.2, 0.3], window_s=0.25) == 3
