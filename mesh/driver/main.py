@@ -42,7 +42,7 @@ from tidegate.errors import ConfigError
 from tidegate.metrics import DriverMetrics, count_dead_letter, serve
 from tidegate.store.failures import misconfigured
 from tidegate.store.migrate import migrate
-from tidegate.store.pace import CALLBACKS, HOUSEKEEPING, PROJECTOR, SENSITIVE, CommitPace
+from tidegate.store.pace import CALLBACKS, HOUSEKEEPING, PROJECTOR, RETRY, SENSITIVE, CommitPace
 from tidegate.store.store import Store
 from tidegate.supervise import Supervisor, until_done
 from tidegate.urlpolicy import parse_nets
@@ -126,16 +126,16 @@ class Driver:
             pace=self.pace.lane(CALLBACKS),
         )
         await self.callback_store.open(wait=False)
-        self.outbox = Outbox(
-            self.callback_store,
-            RetryPolicy(
-                base_s=d.retry_base_s,
-                factor=d.retry_factor,
-                cap_s=d.retry_cap_s,
-                max_attempts=d.retry_max_attempts,
-                max_age_s=d.retry_max_age_s,
-            ),
+        policy = RetryPolicy(
+            base_s=d.retry_base_s,
+            factor=d.retry_factor,
+            cap_s=d.retry_cap_s,
+            max_attempts=d.retry_max_attempts,
+            max_age_s=d.retry_max_age_s,
         )
+        self.outbox = Outbox(self.callback_store, policy)
+        # The retry job's long transactions in a lane of their own (mesh/store/pace.py).
+        self.retry_outbox = Outbox(self.callback_store.paced(self.pace.lane(RETRY)), policy)
         self.transports = Transports(
             self.nc,
             timeout_s=d.callback_timeout_s,
@@ -313,7 +313,7 @@ class Driver:
     async def _retry_callbacks(self) -> None:
         try:
             stats = await retry_pass(
-                self.outbox,
+                self.retry_outbox,
                 self.transports,
                 self.clients.get,
                 concurrency=self.settings.driver.callback_concurrency,

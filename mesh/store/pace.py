@@ -17,11 +17,13 @@ Who goes first when several wait: weighted fair queueing over the lanes (start-t
 queueing: a lane's virtual time advances by 1/weight per turn; the waiting lane with the
 smallest goes next). Sensitive writes carry the largest weight: a sensitive client's
 callbacks wait on them, and one group commit carries every lane's rows, so they are few and
-urgent. The projector can wait: its backlog waits in JetStream, and a batch that waits longer
-only grows. Nobody starves: a lane with waiters is served at least in the ratio of its
-weight, whatever the others ask for. Nor behind long transactions: a turn holds its place
-in the window from its grant to its end (a callback retry holds one while it sends), so no lane
-may hold more than its weight's share of the window at once.
+urgent. The callback retry job has a lane of its own: its transactions stay open while it
+sends (seconds), and a turn covers a whole transaction (`Store.transaction`), so in the
+notifier's lane they would hold the turns its outbox writes need. The projector can wait: its
+backlog waits in JetStream, and a batch that waits longer only grows. Nobody starves: a lane
+with waiters is served at least in the ratio of its weight, whatever the others ask for. Nor
+behind long transactions: a turn holds its place in the window from its grant to its end, so
+no lane may hold more than its weight's share of the window at once.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ from tidegate.errors import ConfigError
 # The writers of a driver, with their weights (see the module's docstring for why).
 SENSITIVE: Final = "sensitive"
 CALLBACKS: Final = "callbacks"
+RETRY: Final = "retry"
 PROJECTOR: Final = "projector"
 HOUSEKEEPING: Final = "housekeeping"
 WEIGHTS: Final[dict[str, float]] = {
     SENSITIVE: 8.0,
     CALLBACKS: 4.0,
+    RETRY: 2.0,
     PROJECTOR: 2.0,
     HOUSEKEEPING: 1.0,
 }

@@ -20,6 +20,7 @@ from tidegate.store.pace import (
     CALLBACKS,
     HOUSEKEEPING,
     PROJECTOR,
+    RETRY,
     SENSITIVE,
     WEIGHTS,
     Budget,
@@ -221,7 +222,7 @@ def test_long_transactions_of_one_writer_leave_room_for_the_others() -> None:
 
         async def retry() -> None:
             nonlocal most
-            lane = pace.lane(CALLBACKS)
+            lane = pace.lane(RETRY)
             while loop.time() < stop:
                 async with lane.turn():
                     most = max(most, lane.in_flight)
@@ -240,7 +241,7 @@ def test_long_transactions_of_one_writer_leave_room_for_the_others() -> None:
         return waits, most
 
     waits, most = run(main)
-    assert most == 20 * 4 // 15  # the callbacks' weight share of the window
+    assert most == 20 * WEIGHTS[RETRY] // sum(WEIGHTS.values())  # its weight's share
     assert len(waits) >= 20 and max(waits) <= 0.05  # one spacing at most
 
 
