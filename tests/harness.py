@@ -221,7 +221,7 @@ MODE_KEYS = {
     "write_commits",
     "peak_write_commits_1s",
     "commit_cap_per_s",
-    "maintenance_runs",
+    "autovacuum_commits",
     "rows_written",
     "rows_per_task",
     "error",

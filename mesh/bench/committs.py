@@ -9,22 +9,30 @@ run assigned are the range between two reads of the next id to assign, so after 
 write commit is known with its exact time, and the busiest second is counted exactly.
 
 What it counts: every transaction of the cluster that wrote and committed during the run,
-whoever made it. The driver's writers are all of them but PostgreSQL's own autovacuum and
-autoanalyze, counted apart (`maintenance_runs`) so a reader can tell. Read-only
+PostgreSQL's own autovacuum and autoanalyze apart. Those log their transaction id (the server
+runs with `log_autovacuum_min_duration=0` and the id in each line's prefix), so they are
+counted on their own (`autovacuum_xids`) and left out of the driver's figures. Read-only
 transactions have no id and are not counted (the cap counts them too, so the cap's own figure
 is at least this one). Rolled-back transactions have no commit time.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Final
 
 import psycopg
 from psycopg.rows import TupleRow
 
-# Given to the benchmark's PostgreSQL at start (it needs a restart to change).
-PG_OPTIONS: Final = ("-c track_commit_timestamp=on",)
+# Given to the benchmark's PostgreSQL at start (commit timestamps need a restart to change).
+# No spaces or shell characters: pg_ctl hands these to a shell, joined by spaces.
+PG_OPTIONS: Final = (
+    "-c track_commit_timestamp=on",
+    "-c log_autovacuum_min_duration=0",
+    "-c log_line_prefix=%m@xid=%x@",
+)
+_AUTOVACUUM = re.compile(r"@xid=(\d+)@LOG:\s+automatic (?:aggressive )?(?:analyze|vacuum)")
 
 XID_SPACE: Final = 2**32  # commit timestamps are kept by the 32-bit xid
 
@@ -39,27 +47,24 @@ async def next_xid(conn: Conn) -> int:
     return int(row[0])
 
 
-async def commit_times(conn: Conn, first: int, end: int) -> list[float]:
-    """When each transaction with an id in [first, end) committed (epoch seconds, sorted);
-    ids that rolled back or never committed are left out."""
+async def commit_times(conn: Conn, first: int, end: int) -> list[tuple[int, float]]:
+    """(transaction id, commit time in epoch seconds) of each transaction with an id in
+    [first, end) that committed, by time; ids that rolled back or never committed are left
+    out."""
     cur = await conn.execute(
-        "SELECT extract(epoch FROM ts)::float8 FROM ("
-        "  SELECT pg_xact_commit_timestamp(((x %% %(space)s)::text)::xid) AS ts"
+        "SELECT x, extract(epoch FROM ts)::float8 FROM ("
+        "  SELECT x, pg_xact_commit_timestamp(((x %% %(space)s)::text)::xid) AS ts"
         "  FROM generate_series(%(first)s::bigint, %(end)s::bigint - 1) AS x"
         ") AS t WHERE ts IS NOT NULL ORDER BY ts",
         {"first": first, "end": end, "space": XID_SPACE},
     )
-    return [float(r[0]) for r in await cur.fetchall()]
+    return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
 
 
-async def maintenance_runs(conn: Conn) -> int:
-    """Autovacuum and autoanalyze runs so far on the tables of the connected database."""
-    cur = await conn.execute(
-        "SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)::bigint"
-        " FROM pg_stat_all_tables"
-    )
-    row = await cur.fetchone()
-    return int(row[0]) if row else 0
+def autovacuum_xids(server_log: str) -> set[int]:
+    """The transaction ids of autovacuum's and autoanalyze's runs in the server's log (32-bit;
+    0, a run that wrote nothing transactional, is left out)."""
+    return {int(m[1]) for m in _AUTOVACUUM.finditer(server_log)} - {0}
 
 
 def busiest_window(times: Sequence[float], window_s: float = 1.0) -> int:

@@ -15,7 +15,13 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError, NotFoundError
 
 from tidegate import names
-from tidegate.bench.committs import busiest_window, commit_times, maintenance_runs, next_xid
+from tidegate.bench.committs import (
+    XID_SPACE,
+    autovacuum_xids,
+    busiest_window,
+    commit_times,
+    next_xid,
+)
 from tidegate.bench.figures import lags, per_second, share_count, spread
 from tidegate.bench.measure import CommitMeter, Poller, peak_rate, table_stats
 from tidegate.bench.model import CALLED_BACK, COMMAND, POOL, BenchError, FloodConfig, ModeResult
@@ -110,7 +116,6 @@ async def _flood_with_sink(
     result.sensitive_clients = len(sink.sensitive)
     result.sensitive_tasks, result.callbacks_expected = expected_callbacks(cfg)
     await _register(stack, js, settings, cfg.clients, sink)
-    maintenance = await _maintenance_runs(stack)  # before the baseline: a read commits too
     async with await psycopg.AsyncConnection.connect(stack.admin_url, autocommit=True) as mc:
         meter = CommitMeter(mc)
         baseline = await meter.settled()
@@ -138,17 +143,14 @@ async def _flood_with_sink(
         stack.check_stopped()
         result.commits = await meter.settled() - baseline - result.poller_commits
         written = await commit_times(mc, first_xid, await next_xid(mc))
-    result.write_commits = len(written)
-    result.peak_write_commits_1s = busiest_window(written)
+    autovacuum = autovacuum_xids(stack.pg.log_path.read_text(errors="replace"))
+    ours = [t for xid, t in written if xid % XID_SPACE not in autovacuum]
+    result.write_commits = len(ours)
+    result.autovacuum_commits = len(written) - len(ours)
+    result.peak_write_commits_1s = busiest_window(ours)
     result.commit_cap_per_s = settings.driver.projector_max_commits_per_s
-    result.maintenance_runs = await _maintenance_runs(stack) - maintenance
     await table_stats(stack.database_url, result)
     await _callback_figures(stack, cfg, sink, result)
-
-
-async def _maintenance_runs(stack: Stack) -> int:
-    async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
-        return int(await maintenance_runs(conn))
 
 
 def _usage_meter(stack: Stack) -> UsageMeter:

@@ -56,11 +56,12 @@ class ModeResult(msgspec.Struct, kw_only=True):
     commits_per_task: float | None = None
     # Over 1 s of pg_stat samples, which can hold up to 2 s of one backend's (measure.py).
     peak_commits_per_s: float | None = None
-    # Exact, from commit timestamps (committs.py): every write transaction of the cluster.
+    # Exact, from commit timestamps (committs.py): the write transactions of the run, but for
+    # autovacuum's and autoanalyze's (counted apart).
     write_commits: int | None = None
     peak_write_commits_1s: int | None = None  # the most in any one-second window
     commit_cap_per_s: float | None = None  # the driver's cap it ran with
-    maintenance_runs: int | None = None  # autovacuum and autoanalyze runs meanwhile
+    autovacuum_commits: int | None = None
     rows_written: int | None = None  # n_tup_ins + n_tup_upd over the tasks partitions
     rows_per_task: float | None = None
     error: str | None = None

@@ -74,7 +74,7 @@ def table_rows(report: FloodReport) -> list[Row]:
             "most write commits in any 1 s / cap",
             each(lambda m: f"{num(m.peak_write_commits_1s)} / {num(m.commit_cap_per_s)}"),
         ),
-        ("  autovacuum/analyze runs meanwhile", each(lambda m: num(m.maintenance_runs))),
+        ("autovacuum/analyze commits (not counted)", each(lambda m: num(m.autovacuum_commits))),
         ("rows written (ins+upd)", each(lambda m: num(m.rows_written))),
         ("rows written per task", each(lambda m: num(m.rows_per_task, 2))),
         ("poller's own commits (excl.)", each(lambda m: num(m.poller_commits))),

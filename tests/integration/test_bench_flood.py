@@ -100,11 +100,11 @@ def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Pa
 
     # The commit cap holds at every instant, every writer of the driver counted: no
     # one-second window, placed anywhere, holds more write commits than the cap, by the
-    # database's own commit timestamps. PostgreSQL's autovacuum is the one other writer.
+    # database's own commit timestamps (autovacuum's, which the server logs, left out).
     batch = modes["batch"]
     assert batch["commit_cap_per_s"] == CAP
     assert batch["write_commits"] > 0
-    assert batch["peak_write_commits_1s"] <= CAP + batch["maintenance_runs"]
+    assert batch["peak_write_commits_1s"] <= CAP
 
     # The design's property, not a timing target: coalesced batches commit far less often
     # than one transaction per state change (which needs at least one per task).

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tidegate.bench.ceilings import Ceilings
-from tidegate.bench.committs import busiest_window
+from tidegate.bench.committs import autovacuum_xids, busiest_window
 from tidegate.bench.figures import Spread, lags, per_second, rates, ratio, share_count, spread
 from tidegate.bench.flood import expected_callbacks, sensitive_names
 from tidegate.bench.model import FloodConfig, FloodReport, Machine, ModeResult
@@ -202,3 +202,16 @@ def test_the_busiest_window_counts_commits_within_one_second_of_each_other() -> 
     assert busiest_window([0.0, 1.0, 2.0, 3.0]) == 1
     assert busiest_window([0.0, 0.5, 0.99, 1.0, 1.4, 3.0]) == 4  # 0.5 … 1.4
     assert busiest_window([0.0, 0.1, 0.2, 0.3], window_s=0.25) == 3
+
+
+def test_autovacuum_transactions_are_read_from_the_servers_log() -> None:
+    log = "\n".join(
+        [
+            '2026-12-03 16:17:12.083 UTC@xid=745@LOG:  automatic analyze of table "t.public.x"',
+            "2026-12-03 16:17:12.102 UTC@xid=0@LOG:  automatic aggressive vacuum of table "
+            '"t.pg_catalog.pg_class": index scans: 0',
+            '2026-12-03 16:17:12.110 UTC@xid=750@LOG:  automatic vacuum of table "t.public.x"',
+            "2026-12-03 16:17:13.000 UTC@xid=751@LOG:  statement: analyze x",
+        ]
+    )
+    assert autovacuum_xids(log) == {745, 750}
