@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -53,21 +52,21 @@ def unsendable(exc: BaseException) -> bool:
     return isinstance(exc, Unsendable)
 
 
-@dataclass(frozen=True, slots=True)
-class PubAck:
+# A flood holds one of each per message at once: `gc=False` keeps the collector from
+# scanning them again and again (they hold only strings and numbers, so no cycle).
+class PubAck(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     stream: str
     seq: int
     duplicate: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     subject: str
     payload: bytes
     msg_id: str
 
 
-class _AckBody(msgspec.Struct, frozen=True, kw_only=True):
+class _AckBody(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """JetStream's answer to a publish: a PubAck, or an API error."""
 
     stream: str = ""

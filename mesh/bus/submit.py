@@ -14,6 +14,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from tidegate import names
 from tidegate.bus.natsconn import servers
 from tidegate.bus.publish import Outgoing
+from tidegate.collector import collector_paused
 from tidegate.errors import InvalidTask, UnknownClient
 from tidegate.wire import TaskSpec, check_spec, decode_spec, encode
 
@@ -56,9 +57,11 @@ def task_messages(
     payloads = [_encode(spec) for spec in specs]
     try:
         # One round trip for the whole batch (the per-call cost dominates for small tasks);
-        # the cross-field rules and the size limit then per task.
-        for decoded in _decode_all(b"[" + b",".join(payloads) + b"]"):
-            check_spec(decoded)
+        # the cross-field rules and the size limit then per task. The decoded copies are
+        # garbage at once: collector passes over them would cost 3-5 times the decode.
+        with collector_paused():
+            for decoded in _decode_all(b"[" + b",".join(payloads) + b"]"):
+                check_spec(decoded)
         valid = all(len(p) <= max_task_bytes for p in payloads)
     except (msgspec.DecodeError, msgspec.ValidationError, InvalidTask):
         valid = False

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from tidegate.cli.commands import Command
 from tidegate.cli.options import GLOBAL, Option, settings_from
+from tidegate.collector import tune_for_floods
 from tidegate.config import Settings
 from tidegate.driver.main import run_driver
 from tidegate.endpoints import with_connection
@@ -21,6 +22,7 @@ Component = Callable[[Settings, asyncio.Event], Awaitable[None]]
 
 def _run_component(run: Component, settings: Settings) -> int:
     async def main() -> int:
+        tune_for_floods()
         stop = asyncio.Event()
         install_stop_signals(stop)
         await run(settings, stop)
