@@ -224,6 +224,8 @@ MODE_KEYS = {
     "autovacuum_commits",
     "rows_written",
     "rows_per_task",
+    "writes_by_kind",
+    "routed_s",
     "error",
     "terminal_x_spawn",
     "submit_x_publish",

@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError, NotFoundError
 
 from tidegate import names
+from tidegate.bench import kinds
 from tidegate.bench.committs import (
     XID_SPACE,
     autovacuum_xids,
@@ -27,7 +28,7 @@ from tidegate.bench.measure import CommitMeter, Poller, peak_rate, table_stats
 from tidegate.bench.model import CALLED_BACK, COMMAND, POOL, BenchError, FloodConfig, ModeResult
 from tidegate.bench.sink import CallbackSink
 from tidegate.bench.stack import Stack
-from tidegate.bench.timeline import Timeline
+from tidegate.bench.timeline import Timeline, all_routed_at
 from tidegate.bench.usage import UsageMeter
 from tidegate.bus.clients import publish_client
 from tidegate.bus.natsconn import connect
@@ -56,6 +57,11 @@ WRITTEN_SQL: Final = (
 
 def client_names(count: int) -> list[str]:
     return [f"bench{i:03d}" for i in range(count)]
+
+
+def driver_names(count: int) -> list[str]:
+    """`driver` alone (as the report has always named it), else `driver0` … (summed in it)."""
+    return ["driver"] if count == 1 else [f"driver{i}" for i in range(count)]
 
 
 def sensitive_names(cfg: FloodConfig) -> frozenset[str]:
@@ -116,11 +122,13 @@ async def _flood_with_sink(
     result.sensitive_clients = len(sink.sensitive)
     result.sensitive_tasks, result.callbacks_expected = expected_callbacks(cfg)
     await _register(stack, js, settings, cfg.clients, sink)
+    await kinds.install(stack.database_url)
     async with await psycopg.AsyncConnection.connect(stack.admin_url, autocommit=True) as mc:
         meter = CommitMeter(mc)
         baseline = await meter.settled()
         first_xid = await next_xid(mc)
-        stack.spawn("driver", "driver", "--persist", mode)
+        for name in driver_names(cfg.drivers):
+            stack.spawn(name, "driver", "--persist", mode)
         for i in range(cfg.executors):
             stack.spawn(
                 f"executor{i}",
@@ -148,8 +156,16 @@ async def _flood_with_sink(
     result.write_commits = len(ours)
     result.autovacuum_commits = len(written) - len(ours)
     result.peak_write_commits_1s = busiest_window(ours)
-    result.commit_cap_per_s = settings.driver.projector_max_commits_per_s
+    result.commit_cap_per_s = settings.driver.projector_max_commits_per_s * cfg.drivers
     await table_stats(stack.database_url, result)
+    result.writes_by_kind = await kinds.writes_by_kind(
+        stack.database_url,
+        sink.sensitive,
+        {
+            kinds.SENSITIVE: result.sensitive_tasks,
+            kinds.NON_SENSITIVE: cfg.tasks - result.sensitive_tasks,
+        },
+    )
     await _callback_figures(stack, cfg, sink, result)
 
 
@@ -387,3 +403,4 @@ async def _run_flood(
     result.peak_commits_per_s = round(peak_rate(samples), 1)
     result.commit_samples = [(round(t - started, 2), c) for t, c in samples]
     result.timeline = timeline.points
+    result.routed_s = all_routed_at(timeline.points, cfg.tasks)

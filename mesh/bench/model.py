@@ -8,6 +8,7 @@ import msgspec
 
 from tidegate.bench.ceilings import Ceilings
 from tidegate.bench.figures import Spread
+from tidegate.bench.kinds import KindWrites
 from tidegate.bench.timeline import Point
 from tidegate.bench.usage import Usage
 from tidegate.config import PersistMode
@@ -35,6 +36,7 @@ class FloodConfig(msgspec.Struct, frozen=True, kw_only=True):
     timeout_s: float  # deadline for every task to be terminal, per mode
     sensitive_share: float = 0.0  # fraction of the clients that are sensitive
     callback_latency_ms: float = 0.0  # the sink answers every callback request after this
+    drivers: int = 1  # driver processes; the commit cap is per driver
 
 
 class ModeResult(msgspec.Struct, kw_only=True):
@@ -46,6 +48,8 @@ class ModeResult(msgspec.Struct, kw_only=True):
     duplicates: int = 0
     submit_s: float | None = None
     submit_per_s: float | None = None  # PubAcks per second
+    # Flood start until all were accepted and none waited to be routed (timeline samples).
+    routed_s: float | None = None
     terminal_s: float | None = None  # flood start until every task is terminal; None: deadline
     tasks_per_s: float | None = None  # tasks / terminal_s: the end-to-end rate
     terminal: int = 0
@@ -60,10 +64,12 @@ class ModeResult(msgspec.Struct, kw_only=True):
     # autovacuum's and autoanalyze's (counted apart).
     write_commits: int | None = None
     peak_write_commits_1s: int | None = None  # the most in any one-second window
-    commit_cap_per_s: float | None = None  # the driver's cap it ran with
+    commit_cap_per_s: float | None = None  # the fleet's: each driver's cap times the drivers
     autovacuum_commits: int | None = None
     rows_written: int | None = None  # n_tup_ins + n_tup_upd over the tasks partitions
     rows_per_task: float | None = None
+    # The same per kind of client, from the benchmark's triggers on `tasks` (kinds.py).
+    writes_by_kind: dict[str, KindWrites] = msgspec.field(default_factory=dict)
     error: str | None = None
     # Ratios to the raw ceilings measured in the same run (1.0: as fast as the ceiling).
     terminal_x_spawn: float | None = None  # terminal_s / the spawn ceiling's seconds

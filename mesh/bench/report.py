@@ -3,11 +3,13 @@ script reads it (JSON). The table and the markdown hold the same rows."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import msgspec
 
 from tidegate.bench.figures import Spread
+from tidegate.bench.kinds import NON_SENSITIVE, SENSITIVE
 from tidegate.bench.model import FloodReport, ModeResult
 from tidegate.bench.usage import Usage
 
@@ -26,13 +28,22 @@ def spread_text(s: Spread | None) -> str:
     return "-" if s is None else f"{s.p50:,.0f} / {s.p95:,.0f} / {s.p99:,.0f}"
 
 
+def _group(name: str) -> str:
+    """`executor0`, `executor1` → `executors`; `driver0` … → `drivers`; others as named."""
+    for prefix in ("executor", "driver"):
+        if name.startswith(prefix) and name != prefix:
+            return prefix + "s"
+    return name
+
+
 def _usage_rows(modes: list[ModeResult]) -> list[Row]:
-    """Peak RSS and CPU per component; executors summed (their peaks: an upper bound)."""
+    """Peak RSS and CPU per component; executors, and drivers when several, summed (their
+    peaks: an upper bound)."""
 
     def grouped(m: ModeResult) -> dict[str, Usage]:
         out: dict[str, Usage] = {}
         for name, u in m.usage.items():
-            key = "executors" if name.startswith("executor") else name
+            key = _group(name)
             g = out.setdefault(key, Usage())
             g.peak_rss_mb = round(g.peak_rss_mb + u.peak_rss_mb, 1)
             g.cpu_s = round(g.cpu_s + u.cpu_s, 2)
@@ -52,6 +63,11 @@ def _usage_rows(modes: list[ModeResult]) -> list[Row]:
     return rows
 
 
+def _kind_text(m: ModeResult, kind: str) -> str:
+    w = m.writes_by_kind.get(kind)
+    return "-" if w is None else f"{num(w.rows_per_task, 2)} / {num(w.commits_per_task, 4)}"
+
+
 def table_rows(report: FloodReport) -> list[Row]:
     modes = list(report.modes.values())
 
@@ -62,6 +78,7 @@ def table_rows(report: FloodReport) -> list[Row]:
         ("submit wall time (s)", each(lambda m: num(m.submit_s, 2))),
         ("submit rate (PubAcks/s)", each(lambda m: num(m.submit_per_s))),
         ("  x raw publish time", each(lambda m: times(m.submit_x_publish))),
+        ("all routed after (s)", each(lambda m: num(m.routed_s, 1))),
         ("all terminal after (s)", each(lambda m: num(m.terminal_s, 2))),
         ("end to end (tasks/s)", each(lambda m: num(m.tasks_per_s))),
         ("  x raw spawn time", each(lambda m: times(m.terminal_x_spawn))),
@@ -71,12 +88,16 @@ def table_rows(report: FloodReport) -> list[Row]:
         ("peak commits/s (pg_stat, 1 s samples)", each(lambda m: num(m.peak_commits_per_s))),
         ("write commits (commit timestamps)", each(lambda m: num(m.write_commits))),
         (
-            "most write commits in any 1 s / cap",
+            "most write commits in any 1 s / cap (all drivers)",
             each(lambda m: f"{num(m.peak_write_commits_1s)} / {num(m.commit_cap_per_s)}"),
         ),
         ("autovacuum/analyze commits (not counted)", each(lambda m: num(m.autovacuum_commits))),
         ("rows written (ins+upd)", each(lambda m: num(m.rows_written))),
         ("rows written per task", each(lambda m: num(m.rows_per_task, 2))),
+        *(
+            (f"  {kind}: rows / commits per task", each(functools.partial(_kind_text, kind=kind)))
+            for kind in (SENSITIVE, NON_SENSITIVE)
+        ),
         ("poller's own commits (excl.)", each(lambda m: num(m.poller_commits))),
         (
             "callbacks received / expected",
@@ -109,7 +130,8 @@ def header_lines(report: FloodReport) -> list[str]:
     cfg, raw, host = report.config, report.ceilings, report.machine
     lines = [
         f"tidegate bench flood: {cfg.tasks:,} tasks ({' '.join(cfg.command)}) from "
-        f"{cfg.clients} clients ({cfg.sensitive_share:.0%} sensitive), {cfg.executors} "
+        f"{cfg.clients} clients ({cfg.sensitive_share:.0%} sensitive), "
+        f"{cfg.drivers} driver{'s' if cfg.drivers > 1 else ''}, {cfg.executors} "
         f"executors x {cfg.slots} slots; callback receiver answers after "
         f"{cfg.callback_latency_ms:g} ms",
     ]

@@ -108,6 +108,12 @@ class Timeline:
             self.out.flush()
 
 
+def all_routed_at(points: list[Point], tasks: int) -> float | None:
+    """The first sample at which every submission was accepted and none waited to be routed:
+    how long the flood took to reach the ready queues (to the sampling's half second)."""
+    return next((p.t for p in points if p.accepted >= tasks and p.submitted == 0), None)
+
+
 def progress_line(label: str, p: Point, tl: Timeline) -> str:
     return (
         f"{label}: {p.t:6.1f}s  accepted {p.accepted:,}/{tl.tasks:,}  "

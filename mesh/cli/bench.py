@@ -23,6 +23,7 @@ def flood(args: argparse.Namespace, command: Command) -> int:
         clients=args.clients,
         executors=args.executors,
         slots=args.slots,
+        drivers=args.drivers,
         persist=modes,
         command=list(COMMAND),
         timeout_s=args.timeout if args.timeout else 60 + args.tasks / 100,

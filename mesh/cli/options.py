@@ -483,6 +483,13 @@ BENCH_FLOOD = (
     opt("--executors", type=positive_int, default=2, help="executor processes"),
     opt("--slots", type=positive_int, default=16, help="slots per executor"),
     opt(
+        "--drivers",
+        type=positive_int,
+        default=1,
+        help="driver processes; the commit cap is per driver, the report's peak is the fleet's "
+        "(default 1)",
+    ),
+    opt(
         "--persist",
         choices=["batch", "per-event", "both"],
         default="both",

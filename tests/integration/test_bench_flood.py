@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import MODE_KEYS
@@ -14,27 +15,15 @@ from harness import MODE_KEYS
 CAP = 3  # commits per second
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(480)
-def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, *flags: str) -> dict[str, Any]:
+    """`tidegate bench flood --json` with `flags`, at a commit cap of CAP per driver."""
     argv = [
         sys.executable,
         "-m",
         "tidegate",
         "bench",
         "flood",
-        "--tasks",
-        "300",
-        "--clients",
-        "3",
-        "--executors",
-        "1",
-        "--persist",
-        "both",
-        "--sensitive-share",
-        "0.34",
-        "--timeout",
-        "150",
+        *flags,
         "--json",
         "--work-dir",
         str(tmp_path / "work"),
@@ -47,7 +36,18 @@ def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Pa
     env["TIDEGATE_PROJECTOR_MAX_COMMITS_PER_S"] = str(CAP)
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout)
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Path) -> None:
+    report = run_bench(
+        tmp_path,
+        *("--tasks", "300", "--clients", "3", "--executors", "1", "--persist", "both"),
+        *("--sensitive-share", "0.34", "--timeout", "150"),
+    )
 
     assert set(report) == {
         "benchmark",
@@ -69,6 +69,7 @@ def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Pa
         "timeout_s": 150.0,
         "sensitive_share": 0.34,
         "callback_latency_ms": 0.0,
+        "drivers": 1,
     }
     raw = report["ceilings"]
     assert raw["error"] is None and raw["tasks"] == 300 and raw["in_flight"] == 16
@@ -86,6 +87,14 @@ def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Pa
         # The completion poller reads in rolled-back transactions: nothing of its own to subtract.
         assert m["commits"] > 0 and m["poller_commits"] == 0
         assert m["terminal_x_spawn"] > 0 and m["submit_x_publish"] > 0
+        assert 0 < m["routed_s"] <= m["terminal_s"]
+        # Task rows per kind of client, as the benchmark's triggers saw them: every task
+        # inserted at least once, and no more rows than the table's own counters hold.
+        kinds = m["writes_by_kind"]
+        assert {k: w["tasks"] for k, w in kinds.items()} == {"sensitive": 100, "non-sensitive": 200}
+        assert kinds["sensitive"]["rows"] >= 100 and kinds["non-sensitive"]["rows"] >= 200
+        assert sum(w["rows"] for w in kinds.values()) <= m["rows_written"]
+        assert all(w["commits"] > 0 for w in kinds.values())
         # One client of three is sensitive: its 100 tasks are called back 3 times, the rest once.
         assert m["sensitive_clients"] == 1 and m["sensitive_tasks"] == 100
         assert m["callbacks_expected"] == 100 * 3 + 200
@@ -116,3 +125,25 @@ def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Pa
     # A successful run cleans up after itself, and leaves its results.
     assert list((tmp_path / "work").iterdir()) == []
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"flood.json", "flood.md"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_drivers_share_the_flood_and_the_fleet_peak_stays_under_their_caps(
+    tmp_path: Path,
+) -> None:
+    report = run_bench(
+        tmp_path,
+        *("--tasks", "200", "--clients", "4", "--executors", "1", "--persist", "batch"),
+        *("--drivers", "2", "--timeout", "120"),
+    )
+    assert report["ok"] is True and report["config"]["drivers"] == 2
+    m = report["modes"]["batch"]
+    assert m["completed"] is True and m["terminal"] == m["succeeded"] == 200
+    assert m["callbacks_received"] >= m["callbacks_expected"] == 200
+    assert m["callback_duplicates"] == 0 and m["callbacks_out_of_order"] == 0
+    # Both drivers ran (and were measured); the cap is per driver, the peak the fleet's.
+    assert {"driver0", "driver1"} <= set(m["usage"])
+    assert all(m["usage"][d]["cpu_s"] > 0 for d in ("driver0", "driver1"))
+    assert m["commit_cap_per_s"] == 2 * CAP
+    assert 0 < m["peak_write_commits_1s"] <= 2 * CAP

@@ -6,18 +6,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from tidegate.bench.ceilings import Ceilings
 from tidegate.bench.committs import autovacuum_xids, busiest_window
 from tidegate.bench.figures import Spread, lags, per_second, rates, ratio, share_count, spread
 from tidegate.bench.flood import expected_callbacks, sensitive_names
+from tidegate.bench.kinds import KindWrites
 from tidegate.bench.model import FloodConfig, FloodReport, Machine, ModeResult
 from tidegate.bench.plot import write_png
 from tidegate.bench.report import format_markdown, format_table
 from tidegate.bench.run import add_ratios
 from tidegate.bench.sink import CallbackSink
-from tidegate.bench.timeline import Point
+from tidegate.bench.timeline import Point, all_routed_at
 from tidegate.bench.usage import Usage
 from tidegate.driver.callbacks.payload import Callback
 
@@ -215,3 +217,54 @@ def test_autovacuum_transactions_are_read_from_the_servers_log() -> None:
         ]
     )
     assert autovacuum_xids(log) == {745, 750}
+
+
+def _point(t: float, accepted: int, submitted: int) -> Point:
+    return Point(
+        t=t,
+        accepted=accepted,
+        submitted=submitted,
+        ready=0,
+        work=0,
+        events=0,
+        db_terminal=0,
+        callbacks=0,
+    )
+
+
+def test_all_routed_is_the_first_sample_with_everything_accepted_and_nothing_to_route() -> None:
+    points = [_point(0.0, 0, 0), _point(0.5, 6, 0), _point(1.0, 10, 4), _point(1.5, 10, 0)]
+    # At 0.5 nothing waited, but not everything had been accepted yet.
+    assert all_routed_at(points, 10) == 1.5
+    assert all_routed_at(points[:3], 10) is None
+
+
+def test_several_drivers_are_summed_and_writes_shown_per_kind_of_client() -> None:
+    report = _report()
+    mode = report.modes["batch"]
+    mode.usage = {
+        "driver0": Usage(peak_rss_mb=80.0, cpu_s=2.5),
+        "driver1": Usage(peak_rss_mb=70.0, cpu_s=2.0),
+        "executor0": Usage(peak_rss_mb=40.0, cpu_s=1.0),
+    }
+    mode.routed_s = 1.5
+    mode.writes_by_kind = {
+        "sensitive": KindWrites(
+            tasks=5, rows=20, commits=1, rows_per_task=4.0, commits_per_task=0.2
+        ),
+        "non-sensitive": KindWrites(
+            tasks=5, rows=10, commits=1, rows_per_task=2.0, commits_per_task=0.2
+        ),
+    }
+    md = format_markdown(replace_config(report, drivers=2))
+    assert "| peak RSS MB: drivers | 150 |" in md
+    assert "| CPU s: drivers | 4.5 |" in md
+    assert "1 driver," not in md and "2 drivers, 1 executors" in md
+    assert "| all routed after (s) | 1.5 |" in md
+    assert "| sensitive: rows / commits per task | 4.00 / 0.2000 |" in md
+    assert "| non-sensitive: rows / commits per task | 2.00 / 0.2000 |" in md
+
+
+def replace_config(report: FloodReport, **changes: object) -> FloodReport:
+    report.config = msgspec.structs.replace(report.config, **changes)
+    return report
