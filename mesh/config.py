@@ -123,7 +123,10 @@ class Limits:
 
 @dataclass(frozen=True, kw_only=True)
 class DriverSettings:
-    route_batch: int = 500  # submissions routed per round, shared among waiting clients
+    # Submissions routed per round, shared among waiting clients. A round costs a few round
+    # trips whatever its size: routing 30,000 from 20 clients, a driver alone did 6.0-6.1k/s
+    # at 500 and 7.1-7.4k/s at 2,000.
+    route_batch: int = 2000
     short_max_timeout_s: float = 300.0  # tasks with a longer timeout go to the `long` class
     default_pool: str = "default"
     projector_max_batch: int = 5000
