@@ -57,8 +57,9 @@ def task_messages(
     payloads = [_encode(spec) for spec in specs]
     try:
         # One round trip for the whole batch (the per-call cost dominates for small tasks);
-        # the cross-field rules and the size limit then per task. The decoded copies are
-        # garbage at once: collector passes over them would cost 3-5 times the decode.
+        # the cross-field rules and the size limit then per task. The decode allocates two
+        # containers per task, and the collector's passes over them cost more than the decode
+        # itself (100,000 tasks: 0.37-0.63 s with them, 0.10 s without).
         with collector_paused():
             for decoded in _decode_all(b"[" + b",".join(payloads) + b"]"):
                 check_spec(decoded)
