@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from tidegate import names
+from tidegate.bus import delivery
 from tidegate.bus.buckets import Buckets
 from tidegate.bus.publish import Publisher
 from tidegate.bus.pull import first_message, take_available
@@ -210,7 +211,7 @@ class Executor:
             self._tasks.add(lose)
             lose.add_done_callback(self._tasks.discard)
             return
-        slot = Slot(item=item, attempt=msg.metadata.num_delivered)
+        slot = Slot(item=item, attempt=delivery.delivered(msg))
         # Keyed by run: two runs of one task id may run here side by side.
         self.running[names.run_msg_id(item.task_id, item.run)] = slot
         self._occupied += 1
@@ -230,7 +231,7 @@ class Executor:
         handbacks = self._buckets.handbacks
         try:
             slot.handbacks = await count_handbacks(handbacks, msg, slot)
-            slot.attempt = msg.metadata.num_delivered - slot.handbacks
+            slot.attempt = delivery.delivered(msg) - slot.handbacks
             event = await self._execute(msg, slot)
             self._release(slot)
             if not still_ours(slot, ack_wait_s):

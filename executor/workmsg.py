@@ -42,6 +42,7 @@ from nats.js.kv import KeyValue
 
 from tidegate import names
 from tidegate.backoff import Backoff
+from tidegate.bus import delivery
 from tidegate.wire import WorkItem, now
 
 log = logging.getLogger(__name__)
@@ -185,12 +186,12 @@ async def nak(msg: Msg, delay: float | None = None) -> None:
 
 
 def _key(msg: Msg, slot: Slot) -> str:
-    return names.handback_key(slot.item.task_id, msg.metadata.sequence.stream)
+    return names.handback_key(slot.item.task_id, delivery.stream_seq(msg))
 
 
 async def count_handbacks(kv: KeyValue, msg: Msg, slot: Slot) -> int:
     """How many earlier deliveries of this message were handed back (not attempts)."""
-    if msg.metadata.num_delivered <= 1:
+    if delivery.delivered(msg) <= 1:
         return 0  # the first delivery: nothing was handed back yet, no look-up needed
     try:
         entry = await kv.get(_key(msg, slot))
@@ -204,7 +205,7 @@ async def count_handbacks(kv: KeyValue, msg: Msg, slot: Slot) -> int:
         log.error("unreadable hand-back count %r: counted as 0", entry.value[:40])
         return 0
     # Never more than the deliveries before this one: an attempt is at least 1.
-    return max(0, min(count, msg.metadata.num_delivered - 1))
+    return max(0, min(count, delivery.delivered(msg) - 1))
 
 
 async def hand_back(kv: KeyValue, msg: Msg, slot: Slot, *, delay: float | None = None) -> None:

@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from tidegate import names
+from tidegate.bus import delivery
 from tidegate.bus.buckets import LEASE_TTL_S
 from tidegate.bus.deadletters import set_aside
 from tidegate.bus.lease import Leases
@@ -283,7 +284,7 @@ class Partition:
         # A redelivered event may have been called back by an earlier holder, after which a
         # newer state of its task went out too: the shared fence says.
         sent = await s.delivered.already_sent(
-            [e for e, f, m, _ in decoded if f is not None and m.metadata.num_delivered > 1]
+            [e for e, f, m, _ in decoded if f is not None and delivery.delivered(m) > 1]
         )
         for event, flat, msg, row in decoded:
             if flat is not None and event.event_id not in sent and not s.latest.stale(event):

@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 
 from tidegate import names
 from tidegate.backoff import Backoff
+from tidegate.bus import delivery
 from tidegate.bus.deadletters import set_aside
 from tidegate.bus.pull import ack_all, pull, settle_quietly
 from tidegate.bus.topology import PROJECTOR_ACK_WAIT_S
@@ -371,6 +372,6 @@ def _adopt_waiting(sub: JetStreamContext.PullSubscription) -> list[Msg]:
 
 def _delivered(msg: Msg) -> int:
     try:
-        return int(msg.metadata.num_delivered)
+        return delivery.delivered(msg)
     except Exception:  # not a JetStream delivery (tests): once
         return 1

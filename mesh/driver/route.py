@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from tidegate import names
+from tidegate.bus import delivery
 from tidegate.bus.deadletters import set_aside
 from tidegate.bus.publish import MSG_ID_HEADER, Outgoing, PubAck, Publisher
 from tidegate.bus.pull import ack_all, hand_back, settle_quietly
@@ -249,8 +250,8 @@ class Router:
                     msg.subject,
                     msg.data,
                     header_id,
-                    msg.metadata.sequence.stream,
-                    msg.metadata.timestamp or now(),
+                    delivery.stream_seq(msg),
+                    delivery.stored_at(msg) or now(),
                     lookup=self._lookup,
                     settings=self._settings,
                     limits=self._limits,
