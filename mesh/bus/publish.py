@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -338,8 +338,24 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+async def ack_buffered(msgs: Iterable[Msg]) -> None:
+    """Ack each message, one buffered write each, and kick the flusher once at the end.
+
+    `msg.ack()` goes through `nc.publish`, whose checks cost several times the write, and
+    every routed task and projected event is acked (a flood acks twice per task)."""
+    senders: dict[int, _RawSender] = {}
+    for msg in msgs:
+        nc = msg._client
+        sender = senders.get(id(nc))
+        if sender is None:
+            sender = senders[id(nc)] = _RawSender(nc)
+        sender.ack(msg)
+    for sender in senders.values():
+        await sender.flush()
+
+
 class _RawSender:
-    """Writes HPUB commands straight into nats-py's outgoing buffer.
+    """Writes PUB and HPUB commands straight into nats-py's outgoing buffer.
 
     `nc.publish` validates the subject, reply and header names on every call, which costs
     about 4 times the write itself (18 µs against 4 µs here); our subjects come from
@@ -354,10 +370,7 @@ class _RawSender:
 
     def send(self, out: Outgoing, reply: str) -> None:
         nc = self._nc
-        if nc.is_closed:
-            raise nats.errors.ConnectionClosedError
-        if nc.is_draining_pubs:
-            raise nats.errors.ConnectionDrainingError
+        self._check_open()
         msg_id = out.msg_id
         if "\n" in msg_id or "\r" in msg_id:
             raise Unsendable(f"a message id cannot hold a line break: {msg_id!r}")
@@ -372,6 +385,25 @@ class _RawSender:
             + payload
             + b"\r\n"
         )
+        self._append(cmd, size)
+
+    def ack(self, msg: Msg) -> None:
+        """`msg.ack()` without the subject check (the reply is the server's own), and with
+        its errors: not a JetStream delivery, acked already."""
+        msg._check_reply()
+        self._check_open()
+        self._append(f"PUB {msg.reply} 0\r\n\r\n".encode(), 0)
+        msg._ackd = True
+
+    def _check_open(self) -> None:
+        nc = self._nc
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if nc.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+
+    def _append(self, cmd: bytes, size: int) -> None:
+        nc = self._nc
         if not nc.is_connected:
             limit = nc._max_pending_size
             if limit <= 0 or len(cmd) + nc._pending_data_size > limit:

@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 
 from tidegate.backoff import Backoff
 from tidegate.bus.handback import TAKEN
+from tidegate.bus.publish import ack_buffered
 
 _STATUS = "Status"
 
@@ -112,10 +113,9 @@ def _next_queued(sub: JetStreamContext.PullSubscription) -> Msg | None:
 
 
 async def ack_all(msgs: Iterable[Msg]) -> None:
-    """Ack one by one: each ack is a buffered publish, and a task per ack (gather) costs
-    more than the ack itself at flood rates."""
-    for msg in msgs:
-        await msg.ack()
+    """Ack each, buffered: one write into nats-py's buffer per ack, one flush for all (a task
+    per ack, as with gather, would cost more than the ack itself at flood rates)."""
+    await ack_buffered(msgs)
 
 
 async def settle_quietly(msgs: Iterable[Msg], action: str, **kwargs: float) -> None:
