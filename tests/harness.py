@@ -226,6 +226,7 @@ MODE_KEYS = {
     "rows_per_task",
     "writes_by_kind",
     "routed_s",
+    "route_wait_s",
     "error",
     "terminal_x_spawn",
     "submit_x_publish",

@@ -28,7 +28,7 @@ from tidegate.bench.measure import CommitMeter, Poller, peak_rate, table_stats
 from tidegate.bench.model import CALLED_BACK, COMMAND, POOL, BenchError, FloodConfig, ModeResult
 from tidegate.bench.sink import CallbackSink
 from tidegate.bench.stack import Stack
-from tidegate.bench.timeline import Timeline, all_routed_at
+from tidegate.bench.timeline import Timeline, all_routed_at, route_waits
 from tidegate.bench.usage import UsageMeter
 from tidegate.bus.clients import publish_client
 from tidegate.bus.natsconn import connect
@@ -404,3 +404,4 @@ async def _run_flood(
     result.commit_samples = [(round(t - started, 2), c) for t, c in samples]
     result.timeline = timeline.points
     result.routed_s = all_routed_at(timeline.points, cfg.tasks)
+    result.route_wait_s = spread(route_waits(timeline.points, cfg.tasks))

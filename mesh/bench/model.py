@@ -50,6 +50,8 @@ class ModeResult(msgspec.Struct, kw_only=True):
     submit_per_s: float | None = None  # PubAcks per second
     # Flood start until all were accepted and none waited to be routed (timeline samples).
     routed_s: float | None = None
+    # Seconds from each submission's PubAck until it was routed (timeline.route_waits).
+    route_wait_s: Spread | None = None
     terminal_s: float | None = None  # flood start until every task is terminal; None: deadline
     tasks_per_s: float | None = None  # tasks / terminal_s: the end-to-end rate
     terminal: int = 0

@@ -24,8 +24,10 @@ def times(value: float | None) -> str:
     return "-" if value is None else f"{value:,.2f}x"
 
 
-def spread_text(s: Spread | None) -> str:
-    return "-" if s is None else f"{s.p50:,.0f} / {s.p95:,.0f} / {s.p99:,.0f}"
+def spread_text(s: Spread | None, digits: int = 0) -> str:
+    if s is None:
+        return "-"
+    return f"{s.p50:,.{digits}f} / {s.p95:,.{digits}f} / {s.p99:,.{digits}f}"
 
 
 def _group(name: str) -> str:
@@ -79,6 +81,10 @@ def table_rows(report: FloodReport) -> list[Row]:
         ("submit rate (PubAcks/s)", each(lambda m: num(m.submit_per_s))),
         ("  x raw publish time", each(lambda m: times(m.submit_x_publish))),
         ("all routed after (s)", each(lambda m: num(m.routed_s, 1))),
+        (
+            "routed after its PubAck, s p50/p95/p99",
+            each(lambda m: spread_text(m.route_wait_s, 1)),
+        ),
         ("all terminal after (s)", each(lambda m: num(m.terminal_s, 2))),
         ("end to end (tasks/s)", each(lambda m: num(m.tasks_per_s))),
         ("  x raw spawn time", each(lambda m: times(m.terminal_x_spawn))),

@@ -114,6 +114,27 @@ def all_routed_at(points: list[Point], tasks: int) -> float | None:
     return next((p.t for p in points if p.accepted >= tasks and p.submitted == 0), None)
 
 
+def route_waits(points: list[Point], tasks: int) -> list[float]:
+    """Seconds from each submission's PubAck until it was routed, read off the samples.
+
+    The k-th submission counts as accepted at the first sample with `accepted >= k`, and as
+    routed at the first with `accepted - submitted >= k`: the route step takes each client's
+    submissions in order and the clients in turns, so the k-th routed is about the k-th
+    accepted. Each wait is known to one sampling interval (`SAMPLE_S`) either way. Tasks not
+    routed by the last sample have none."""
+    waits: list[float] = []
+    a = r = 0
+    for k in range(1, tasks + 1):
+        while a < len(points) and points[a].accepted < k:
+            a += 1
+        while r < len(points) and points[r].accepted - points[r].submitted < k:
+            r += 1
+        if r == len(points):
+            break
+        waits.append(max(0.0, points[r].t - points[a].t))
+    return waits
+
+
 def progress_line(label: str, p: Point, tl: Timeline) -> str:
     return (
         f"{label}: {p.t:6.1f}s  accepted {p.accepted:,}/{tl.tasks:,}  "

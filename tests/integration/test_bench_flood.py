@@ -88,6 +88,9 @@ def test_small_flood_completes_in_both_modes_and_batch_commits_less(tmp_path: Pa
         assert m["commits"] > 0 and m["poller_commits"] == 0
         assert m["terminal_x_spawn"] > 0 and m["submit_x_publish"] > 0
         assert 0 < m["routed_s"] <= m["terminal_s"]
+        # A wait for each task, none longer than the flood took to be all routed.
+        assert m["route_wait_s"]["n"] == 300
+        assert 0 <= m["route_wait_s"]["p50"] <= m["route_wait_s"]["max"] <= m["routed_s"]
         # Task rows per kind of client, as the benchmark's triggers saw them: every task
         # inserted at least once, and no more rows than the table's own counters hold.
         kinds = m["writes_by_kind"]

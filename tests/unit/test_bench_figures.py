@@ -19,7 +19,7 @@ from tidegate.bench.plot import write_png
 from tidegate.bench.report import format_markdown, format_table
 from tidegate.bench.run import add_ratios
 from tidegate.bench.sink import CallbackSink
-from tidegate.bench.timeline import Point, all_routed_at
+from tidegate.bench.timeline import Point, all_routed_at, route_waits
 from tidegate.bench.usage import Usage
 from tidegate.driver.callbacks.payload import Callback
 
@@ -237,6 +237,21 @@ def test_all_routed_is_the_first_sample_with_everything_accepted_and_nothing_to_
     # At 0.5 nothing waited, but not everything had been accepted yet.
     assert all_routed_at(points, 10) == 1.5
     assert all_routed_at(points[:3], 10) is None
+
+
+def test_route_waits_pair_the_kth_accepted_with_the_kth_routed() -> None:
+    points = [_point(0.0, 0, 0), _point(0.5, 6, 4), _point(1.0, 10, 5), _point(1.5, 10, 0)]
+    # Routed so far: 0, 2, 5, 10. Tasks 1-2 accepted at 0.5 and routed at 0.5; 3-5 routed at
+    # 1.0 (3-6 accepted at 0.5); 6 routed at 1.5; 7-10 accepted at 1.0, routed at 1.5.
+    assert route_waits(points, 10) == [0.0] * 2 + [0.5] * 3 + [1.0] + [0.5] * 4
+    # Not routed by the last sample: no wait yet.
+    assert route_waits(points[:3], 10) == [0.0] * 2 + [0.5] * 3
+
+
+def test_route_waits_read_as_seconds_in_the_table() -> None:
+    report = _report()
+    report.modes["batch"].route_wait_s = spread([0.5, 1.0, 2.25])
+    assert "| routed after its PubAck, s p50/p95/p99 | 1.0 / 2.2 / 2.2 |" in format_markdown(report)
 
 
 def test_several_drivers_are_summed_and_writes_shown_per_kind_of_client() -> None:
