@@ -130,7 +130,10 @@ class DriverSettings:
     short_max_timeout_s: float = 300.0  # tasks with a longer timeout go to the `long` class
     default_pool: str = "default"
     projector_max_batch: int = 5000
-    projector_max_linger_s: float = 0.2
+    # A flood's terminal events trickle in as tasks finish: each commit takes what arrived in a
+    # linger. 20,000-task floods (non-sensitive clients): 0.0088 commits per task and the
+    # database 120 ms behind the callbacks (p50) at 0.2 s; 0.0047 and 239 ms at 0.5 s.
+    projector_max_linger_s: float = 0.5
     projector_max_commits_per_s: float = 20.0
     persist: PersistMode = "batch"
     per_event_connections: int = 8  # baseline mode: concurrent one-row transactions

@@ -60,6 +60,7 @@ from tidegate.wire.events import (
     TimedOut,
     UnknownEventState,
     decode_event,
+    peek_state,
 )
 from tidegate.wire.heartbeats import (
     ExecutorControl,
@@ -172,6 +173,7 @@ __all__ = [
     "encode_cursor",
     "event_id_of",
     "now",
+    "peek_state",
     "run_ref",
     "target_task",
     "task_id",

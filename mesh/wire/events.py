@@ -164,6 +164,16 @@ _lenient_event_decoder: msgspec.json.Decoder[_WireEvent] = msgspec.json.Decoder(
 _state_decoder = msgspec.json.Decoder(_StateOnly)
 
 
+def peek_state(data: bytes) -> object:
+    """An event's `state` field alone, unchecked (None when it has none or is not JSON): for
+    a consumer that drops whole kinds of event and need not decode the rest (2 µs a
+    `queued` event with its spec, against 0.4 µs for the state alone)."""
+    try:
+        return _state_decoder.decode(data).state
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 def decode_event(data: bytes) -> AnyEvent:
     """A state event, whichever version published it: fields this version does not know are
     skipped. A state it does not know cannot be ranked or projected: `UnknownEventState` (a

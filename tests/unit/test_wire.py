@@ -40,6 +40,7 @@ from tidegate.wire import (
     decode_heartbeat,
     decode_spec,
     encode,
+    peek_state,
 )
 
 T0 = datetime(2026, 11, 27, 0, 0, 0, 123456, tzinfo=UTC)
@@ -319,6 +320,16 @@ def test_event_round_trip(state: str) -> None:
     assert back == event
     assert back.state == state
     assert back.at.tzinfo is not None and back.at == event.at
+
+
+@pytest.mark.parametrize("state", list(EVENTS))
+def test_peek_state_reads_the_state_decode_event_reads(state: str) -> None:
+    assert peek_state(encode(EVENTS[state])) == decode_event(encode(EVENTS[state])).state
+
+
+@pytest.mark.parametrize("data", [b"{not json", b"[1, 2]", b'{"key": "k"}'])
+def test_peek_state_of_what_has_no_state_is_none(data: bytes) -> None:
+    assert peek_state(data) is None
 
 
 def test_rejected_without_executor_or_exit_code_round_trips() -> None:
