@@ -344,14 +344,16 @@ async def ack_buffered(msgs: Iterable[Msg]) -> None:
     `msg.ack()` goes through `nc.publish`, whose checks cost several times the write, and
     every routed task and projected event is acked (a flood acks twice per task)."""
     senders: dict[int, _RawSender] = {}
-    for msg in msgs:
-        nc = msg._client
-        sender = senders.get(id(nc))
-        if sender is None:
-            sender = senders[id(nc)] = _RawSender(nc)
-        sender.ack(msg)
-    for sender in senders.values():
-        await sender.flush()
+    try:
+        for msg in msgs:
+            nc = msg._client
+            sender = senders.get(id(nc))
+            if sender is None:
+                sender = senders[id(nc)] = _RawSender(nc)
+            sender.ack(msg)
+    finally:  # the acks before one that raised still go out now, as `msg.ack()` sent them
+        for sender in senders.values():
+            await sender.flush()
 
 
 class _RawSender:

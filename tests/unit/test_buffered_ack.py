@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import nats.aio.client
 import pytest
 from nats.aio.msg import Msg
@@ -47,3 +49,19 @@ async def test_refuses_what_msg_ack_refuses() -> None:
     with pytest.raises(NotJSMessageError):
         await ack_buffered([delivery(nc, reply="")])
     assert len(nc._pending) == 1
+
+
+async def test_the_acks_before_a_refused_one_still_go_out() -> None:
+    nc = client()
+    nc._flush_queue = asyncio.Queue()  # as when connected: a flush kicks the flusher
+    flushed: list[list[bytes]] = []
+
+    async def flush_pending(force_flush: bool = False) -> None:
+        flushed.append(list(nc._pending))
+
+    nc._flush_pending = flush_pending  # type: ignore[method-assign]
+    acked = delivery(nc, REPLY.replace(".42.42.", ".43.43."))
+    acked._ackd = True
+    with pytest.raises(MsgAlreadyAckdError):
+        await ack_buffered([delivery(nc), acked])
+    assert len(flushed) == 1 and [c.split()[1] for c in flushed[0]] == [REPLY.encode()]
